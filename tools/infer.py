@@ -1,0 +1,44 @@
+"""Classify image files or folders with a checkpoint or a pretrained model; prints top-k classes.
+
+    python tools/infer.py work_dirs/quickstart_digits/best_accuracy_top1_epoch_8.pth my_digits/
+    python tools/infer.py resnet10t.a1_in1k cat.jpg --topk 3        # ImageNet class names
+    python tools/infer.py exported/resnet10t-1a2b3c4d.safetensors x.png --model resnet10t --num-classes 10
+"""
+import argparse
+import importlib.util
+import json
+import os.path as osp
+import sys
+
+if importlib.util.find_spec("zoo") is None:  # not installed: use this checkout
+    sys.path.append(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", metavar="MODEL_OR_CKPT",
+                   help="tools/train.py checkpoint (.pth), exported .safetensors, or a timm/zoo model name")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--model-name", "--model", dest="model_name",
+                   help="architecture for a .safetensors file (or to override a checkpoint's)")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--task", help="output handler (default: from the model's cfg, else classification)")
+    p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.topk < 1:
+        p.error(f"--topk must be >= 1, got {args.topk}")
+
+    from zoo.engine.inference import run
+
+    results = run(args.model, args.inputs, topk=args.topk, model_name=args.model_name,
+                  num_classes=args.num_classes, device=args.device, task=args.task)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
