@@ -1,0 +1,276 @@
+"""Reference backend of zoo.kernels.attention against the naive dense oracle, plus fp64 gradcheck
+and input validation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo.kernels as zk
+from zoo.kernels import reference as ref
+from zoo.kernels.reference import dense_oracle
+
+DT = torch.float64
+
+
+def _rand(*shape, dtype=DT, **kw):
+    return torch.randn(*shape, dtype=dtype, **kw)
+
+
+def _relpos(B, H, Lq, lay):
+    return zk.RelPosBias(_rand(B, H, Lq, 2 * lay.win_h - 1), _rand(B, H, Lq, 2 * lay.win_w - 1))
+
+
+def _cases():
+    """(name, Lq, Lk, layout factory(B), bias factory(B, H, Lq, Lk, layout), score_mod factory(H))."""
+    B = 2
+    cases = []
+    for border in ("zero", "clamp"):
+        cases += [
+            (f"window_{border}", 64, 64, lambda b=border: zk.window_2d(8, 8, 4, 1, border=b), None, None),
+            (f"window_{border}_relpos", 64, 64, lambda b=border: zk.window_2d(8, 8, 4, 2, border=b),
+             lambda B, H, Lq, Lk, lay: _relpos(B, H, Lq, lay), None),
+            (f"window_{border}_stride2_relpos", 16, 64, lambda b=border: zk.window_2d(8, 8, 4, 1, border=b, stride=2),
+             lambda B, H, Lq, Lk, lay: _relpos(B, H, Lq, lay), None),
+            (f"window_{border}_kvvalid_dense", 64, 64,
+             lambda b=border: zk.window_2d(8, 8, 4, 2, border=b, kv_valid=torch.rand(B, 64) > 0.3),
+             lambda B, H, Lq, Lk, lay: _rand(B, 1, Lq, Lk), None),
+            (f"window_{border}_indexed", 48, 48, lambda b=border: zk.window_2d(6, 8, 2, 1, border=b),
+             lambda B, H, Lq, Lk, lay: zk.IndexedBias(_rand(H, 5), torch.randint(0, 5, (B, Lq, Lk))), None),
+        ]
+    ti = torch.stack([torch.randperm(16)[:3] for _ in range(B * 16)]).view(B, 16, 3)
+    ti[0, 0, 1] = ti[0, 0, 0]      # duplicate entry: attended once
+    cases += [
+        ("routed", 64, 64, lambda: zk.routed_topk(ti, 4), None, None),
+        ("routed_perhead_kvvalid_indexed", 64, 64,
+         lambda: zk.routed_topk(torch.randint(0, 16, (B, 2, 16, 2)), 4, kv_valid=torch.rand(B, 64) > 0.4),
+         lambda B, H, Lq, Lk, lay: zk.IndexedBias(_rand(H, 7), torch.randint(0, 7, (1, Lq, Lk))), None),
+        ("routed_dense_bias", 64, 64, lambda: zk.routed_topk(ti, 4), lambda B, H, Lq, Lk, lay: _rand(H, Lq, Lk), None),
+        ("segments", 40, 40, lambda: zk.segments(torch.randint(-1, 4, (B, 40))), None, None),
+        ("segments_cross_bias", 40, 30,
+         lambda: zk.segments(torch.randint(-1, 4, (B, 40)), torch.randint(-1, 5, (B, 30))),
+         lambda B, H, Lq, Lk, lay: _rand(B, H, Lq, Lk), None),
+        ("causal", 40, 40, lambda: zk.causal(40), None, None),
+        ("causal_prefix_kvcache", 10, 40, lambda: zk.causal(10, 40, prefix=33, kv_valid=torch.rand(B, 40) > 0.2),
+         lambda B, H, Lq, Lk, lay: zk.IndexedBias(_rand(H, 3), torch.randint(0, 3, (B, Lq, Lk))), None),
+        ("dense_mask", 40, 36, lambda: zk.from_dense_mask(torch.rand(B, 2, 40, 36) > 0.8), None, None),
+        ("dense_relpos", 42, 42, lambda: None,
+         lambda B, H, Lq, Lk, lay: zk.RelPosBias(_rand(B, H, Lq, 11), _rand(B, H, Lq, 13), (6, 7), (6, 7)), None),
+        ("dense_gmm_mul", 50, 50, lambda: None, None,
+         lambda H: zk.GaussianMixture(_rand(H, 3), torch.rand(H, 3, dtype=DT) + 0.5, (7, 7), num_prefix_tokens=1)),
+        ("causal_gmm_add_bias", 49, 49, lambda: zk.causal(49),
+         lambda B, H, Lq, Lk, lay: _rand(1, H, 1, Lk),
+         lambda H: zk.GaussianMixture(_rand(H, 2), torch.rand(H, 2, dtype=DT) + 0.5, (7, 7), mode="add")),
+    ]
+    return cases
+
+
+CASES = _cases()
+
+
+def _bias_leaves(bias, score_mod):
+    out = []
+    if isinstance(bias, torch.Tensor):
+        out.append(bias)
+    elif bias is not None:
+        out += bias.tensors()
+    if score_mod is not None:
+        out += score_mod.tensors()
+    return out
+
+
+def _run_case(case, B=2, H=2, D=8, Dv=6, seed=0):
+    torch.manual_seed(seed)
+    name, Lq, Lk, mk_lay, mk_bias, mk_sm = case
+    lay = mk_lay()
+    q, k, v = _rand(B, H, Lq, D), _rand(B, H, Lk, D), _rand(B, H, Lk, Dv)
+    bias = mk_bias(B, H, Lq, Lk, lay) if mk_bias else None
+    sm = mk_sm(H) if mk_sm else None
+    return lay, q, k, v, bias, sm
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_reference_matches_dense_oracle_fwd_bwd(case):
+    lay, q, k, v, bias, sm = _run_case(case)
+    leaves = [q, k, v] + _bias_leaves(bias, sm)
+    for t in leaves:
+        t.requires_grad_(True)
+    scale = 0.37
+    o1, l1 = zk.attention(q, k, v, lay, scale=scale, bias=bias, score_mod=sm, return_lse=True, backend="reference")
+    o2, l2 = dense_oracle(q, k, v, lay, scale=scale, bias=bias, score_mod=sm)
+    fin = torch.isfinite(l2)
+    assert torch.equal(torch.isfinite(l1), fin)
+    assert torch.all(l1[~fin] == float("-inf"))
+    torch.testing.assert_close(o1, o2, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(l1[fin], l2[fin], atol=1e-10, rtol=1e-9)
+    go, gl = torch.randn_like(o1), torch.randn_like(l1)
+    g1 = torch.autograd.grad((o1 * go).sum() + (torch.where(fin, l1, 0) * gl).sum(), leaves, allow_unused=True)
+    g2 = torch.autograd.grad((o2 * go).sum() + (torch.where(fin, l2, 0) * gl).sum(), leaves, allow_unused=True)
+    for a, b in zip(g1, g2):
+        assert a is not None and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("window_zero_relpos", "routed_perhead_kvvalid_indexed",
+                                                                 "segments_cross_bias", "causal_gmm_add_bias")],
+                         ids=lambda c: c[0])
+def test_chunked_recompute_path_matches(case, monkeypatch):
+    """Tiny chunk budget: many chunks, backward recomputes each chunk."""
+    lay, q, k, v, bias, sm = _run_case(case, seed=1)
+    leaves = [q, k, v] + _bias_leaves(bias, sm)
+    for t in leaves:
+        t.requires_grad_(True)
+    o2, l2 = dense_oracle(q, k, v, lay, bias=bias, score_mod=sm)
+    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(ref, "RECOMPUTE_ABOVE", 0)
+    o1, l1 = zk.attention(q, k, v, lay, bias=bias, score_mod=sm, return_lse=True)
+    torch.testing.assert_close(o1, o2, atol=1e-10, rtol=1e-9)
+    fin = torch.isfinite(l2)
+    go, gl = torch.randn_like(o1), torch.randn_like(l1)
+    g1 = torch.autograd.grad((o1 * go).sum() + (torch.where(fin, l1, 0) * gl).sum(), leaves)
+    g2 = torch.autograd.grad((o2 * go).sum() + (torch.where(fin, l2, 0) * gl).sum(), leaves)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8)
+
+
+GRADCHECK = ["window_zero_relpos", "window_clamp_stride2_relpos", "window_zero_kvvalid_dense", "routed",
+             "routed_perhead_kvvalid_indexed", "segments_cross_bias", "causal_prefix_kvcache", "dense_mask",
+             "dense_relpos", "dense_gmm_mul", "causal_gmm_add_bias"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in GRADCHECK], ids=lambda c: c[0])
+def test_gradcheck_fp64(case):
+    lay, q, k, v, bias, sm = _run_case(case, B=2, H=2, D=4, Dv=3, seed=2)
+    n_bias = len(_bias_leaves(bias, sm))
+    inputs = [q, k, v] + _bias_leaves(bias, sm)
+    for t in inputs:
+        t.requires_grad_(True)
+
+    def fn(q, k, v, *bt):
+        b, s = ref._rebuild(bias, sm, list(bt))
+        o, l = zk.attention(q, k, v, lay, bias=b, score_mod=s, return_lse=True)
+        return o, torch.where(torch.isfinite(l), l, torch.zeros_like(l))
+
+    assert len(inputs) == 3 + n_bias
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_dense_fast_path_is_sdpa_and_dv_differs():
+    q, k, v = torch.randn(2, 3, 17, 8), torch.randn(2, 3, 19, 8), torch.randn(2, 3, 19, 5)
+    o = zk.attention(q, k, v)
+    o2, _ = dense_oracle(q, k, v)
+    torch.testing.assert_close(o, o2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_return_input_dtype_fp32_lse(dtype):
+    lay = zk.window_2d(8, 8, 4, 1)
+    q, k, v = (torch.randn(1, 2, 64, 16).to(dtype) for _ in range(3))
+    o, l = zk.attention(q, k, v, lay, return_lse=True)
+    assert o.dtype == dtype and l.dtype == torch.float32
+    o2, _ = dense_oracle(q.double(), k.double(), v.double(), lay)
+    torch.testing.assert_close(o.double(), o2, atol=2e-2, rtol=2e-2)
+
+
+def test_fully_masked_rows_zero_out_and_neg_inf_lse():
+    ids = torch.tensor([[0, 0, -1, 1, 2, -1]])
+    kv = torch.tensor([[0, 0, 1, -1, -1, 5]])          # id 2 has no keys
+    q, k, v = (torch.randn(1, 2, 6, 4, requires_grad=True) for _ in range(3))
+    o, l = zk.attention(q, k, v, zk.segments(ids, kv), return_lse=True)
+    assert torch.all(o[:, :, [2, 4, 5]] == 0) and torch.all(l[:, :, [2, 4, 5]] == float("-inf"))
+    assert torch.isfinite(l[:, :, [0, 1, 3]]).all()
+    (o.sum() + torch.where(torch.isfinite(l), l, 0).sum()).backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    # window whose only keys are all padding
+    lay = zk.window_2d(4, 4, 2, 0, kv_valid=~torch.isin(torch.arange(16), torch.tensor([0, 1, 4, 5]))[None])
+    q2, k2, v2 = (torch.randn(1, 1, 16, 4, requires_grad=True) for _ in range(3))
+    o2, l2 = zk.attention(q2, k2, v2, lay, return_lse=True)
+    assert torch.all(o2[0, 0, [0, 1, 4, 5]] == 0) and torch.isneginf(l2[0, 0, [0, 1, 4, 5]]).all()
+    assert torch.isfinite(l2[0, 0, [2, 3, 6, 7]]).all()
+    o2.sum().backward()
+    assert torch.isfinite(q2.grad).all() and torch.isfinite(k2.grad).all()
+
+
+def test_window_zero_border_virtual_keys_match_timm_unfold():
+    """border='zero' = zero-padded halo that takes part in the softmax (timm HaloAttn)."""
+    B, H, h, w, bs, halo, d = 1, 2, 8, 8, 4, 1, 8
+    q, k, v = (torch.randn(B, H, h * w, d) for _ in range(3))
+    win = bs + 2 * halo
+
+    def blocks(t):
+        return t.view(B, H, h // bs, bs, w // bs, bs, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, H, -1, bs * bs, d)
+
+    def windows(t):
+        m = F.pad(t.view(B, H, h, w, d), (0, 0, halo, halo, halo, halo))
+        u = m.unfold(2, win, bs).unfold(3, win, bs)
+        return u.permute(0, 1, 2, 3, 5, 6, 4).reshape(B, H, -1, win * win, d)
+
+    att = (blocks(q) @ windows(k).transpose(-1, -2) * d ** -0.5).softmax(-1)
+    o_timm = att @ windows(v)
+    o_timm = o_timm.view(B, H, h // bs, w // bs, bs, bs, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, H, h * w, d)
+    torch.testing.assert_close(zk.attention(q, k, v, zk.window_2d(h, w, bs, halo)), o_timm, atol=1e-6, rtol=1e-5)
+
+
+def test_window_clamp_is_natten_shifted_window():
+    lay = zk.window_2d(8, 8, 2, 2, border="clamp")      # 6x6 window, shifted at borders
+    m = lay.to_dense_mask()[0, 0].view(8, 8, 8, 8)
+    assert m[0, 0].sum() == 36 and m[0, 0, :6, :6].all()          # corner block: window [0, 6)
+    assert m[7, 7, 2:, 2:].all() and m[7, 7].sum() == 36
+    assert m[4, 4, 2:8, 2:8].all() and m[4, 4].sum() == 36        # block (2,2): window [2, 8)
+
+
+def test_causal_prefix_semantics():
+    m = zk.causal(3, 5, prefix=4).to_dense_mask()[0, 0]
+    # offset 2: query 0 -> i+off = 2 < prefix: sees keys 0..3; query 2 -> 4 sees 0..4
+    assert m.tolist() == [[True, True, True, True, False], [True, True, True, True, False], [True] * 5]
+
+
+def test_varlen_equals_per_sequence_sdpa():
+    cu = torch.tensor([0, 3, 10, 16])
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    o = zk.attention(q, k, v, zk.varlen(cu))
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        torch.testing.assert_close(o[:, :, a:b], F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]),
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match="built for"):
+        zk.attention(q, q, q, zk.window_2d(8, 8, 4, 1))
+    with pytest.raises(ValueError, match="multiples of block"):
+        zk.window_2d(6, 8, 4, 1)
+    with pytest.raises(ValueError, match="border"):
+        zk.window_2d(8, 8, 4, 1, border="reflect")
+    with pytest.raises(ValueError, match="4-D"):
+        zk.attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="one dtype"):
+        zk.attention(q, q.double(), q)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        zk.attention(q, q, q, bias=torch.randn(3, 16, 16))
+    with pytest.raises(ValueError, match="backend"):
+        zk.attention(q, q, q, backend="cuda")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        zk.attention(q, q, q, backend="flex")
+    with pytest.raises(ValueError, match=r"\[0, nR=4\)"):
+        zk.routed_topk(torch.tensor([[[0, 4]]]).expand(1, 4, 2), 4)
+    with pytest.raises(ValueError, match="batch"):
+        zk.attention(torch.randn(3, 2, 16, 8), torch.randn(3, 2, 16, 8), torch.randn(3, 2, 16, 8),
+                     zk.segments(torch.zeros(2, 16, dtype=torch.long)))
+    with pytest.raises(ValueError, match="R >="):
+        zk.attention(torch.randn(1, 1, 64, 4), torch.randn(1, 1, 64, 4), torch.randn(1, 1, 64, 4),
+                     zk.window_2d(8, 8, 4, 1), bias=zk.RelPosBias(torch.randn(1, 1, 64, 5), torch.randn(1, 1, 64, 11)))
+    with pytest.raises(ValueError, match="q_grid"):
+        zk.attention(q, q, q, bias=zk.RelPosBias(torch.randn(1, 2, 16, 7), torch.randn(1, 2, 16, 7)))
+    with pytest.raises(ValueError, match="odd"):
+        zk.RelPosBias(torch.randn(1, 2, 16, 6), torch.randn(1, 2, 16, 7))
+    with pytest.raises(ValueError, match=r"\[0, T=3\)"):
+        zk.IndexedBias(torch.randn(2, 3), torch.full((1, 16, 16), 3))
+    with pytest.raises(ValueError, match="grid"):
+        zk.attention(q, q, q, score_mod=zk.GaussianMixture(torch.randn(2, 1), torch.ones(2, 1), (3, 3)))
+    with pytest.raises(TypeError, match="layout"):
+        zk.attention(q, q, q, torch.ones(16, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="start at 0"):
+        zk.varlen(torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match="bool"):
+        zk.from_dense_mask(torch.ones(1, 1, 16, 16))

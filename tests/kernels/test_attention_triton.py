@@ -1,0 +1,162 @@
+"""The Triton kernels themselves, run on CPU by Triton's interpreter (TRITON_INTERPRET=1, set in
+tests/conftest.py), against the naive dense oracle: forward, lse and every gradient, fp32 and fp16,
+for every layout builder, every bias kind, the GMM score mod, ragged lengths, fully masked rows and
+duplicate routed entries. Shapes are tiny (<= 16 programs per launch)."""
+import os
+
+import pytest
+import torch
+
+import zoo.kernels as zk
+from zoo.kernels import triton_attention as ta
+from zoo.kernels.lut import build_lut
+from zoo.kernels.reference import dense_oracle
+
+pytestmark = pytest.mark.skipif(not ta.interpreter_enabled(),
+                                reason="needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+
+B, H = 1, 2
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    monkeypatch.setitem(ta.TILE_OPTIONS, "block_m", 16)
+    monkeypatch.setitem(ta.TILE_OPTIONS, "block_n", 16)
+
+
+def _r(*s, dtype=torch.float32):
+    return torch.randn(*s, dtype=dtype)
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    kvv = torch.rand(B, 64, generator=g) > 0.3
+    dup = torch.tensor([[[0, 0], [1, 3], [2, 2], [3, 0]], [[1, 1], [0, 2], [3, 3], [2, 1]]])[None]
+    seg_q = torch.tensor([[0] * 10 + [1] * 12 + [-1] * 3 + [2] * 15])
+    seg_k = torch.tensor([[0] * 10 + [1] * 12 + [-1] * 3 + [3] * 15])     # id 2 has no keys
+    return {
+        "window_zero_relpos": (64, 64, lambda: zk.window_2d(8, 8, 4, 1),
+                               lambda dt: zk.RelPosBias(_r(B, H, 64, 11, dtype=dt), _r(B, H, 64, 11, dtype=dt)), None),
+        "window_clamp_stride2_relpos": (16, 64, lambda: zk.window_2d(8, 8, 4, 1, border="clamp", stride=2),
+                                        lambda dt: zk.RelPosBias(_r(B, H, 16, 11, dtype=dt), _r(B, H, 16, 11, dtype=dt)),
+                                        None),
+        "window_zero_kvvalid_indexed": (64, 64, lambda: zk.window_2d(8, 8, 4, 2, kv_valid=kvv),
+                                        lambda dt: zk.IndexedBias(_r(H, 5, dtype=dt), torch.randint(0, 5, (B, 64, 64))),
+                                        None),
+        "routed_duplicates_kvvalid_perhead": (64, 64, lambda: zk.routed_topk(dup, 16, kv_valid=kvv), None, None),
+        "routed_region4_dense_bias": (32, 32, lambda: zk.routed_topk(torch.randint(0, 8, (B, 8, 3), generator=g), 4),
+                                      lambda dt: _r(B, H, 32, 32, dtype=dt), None),
+        "segments_ragged_empty_rows": (40, 40, lambda: zk.segments(seg_q, seg_k), None, None),
+        "varlen": (37, 37, lambda: zk.varlen(torch.tensor([0, 5, 21, 37])), None, None),
+        "causal_prefix_kvcache_indexed": (20, 40, lambda: zk.causal(20, 40, prefix=30, kv_valid=kvv[:, :40]),
+                                          lambda dt: zk.IndexedBias(_r(H, 3, dtype=dt), torch.randint(0, 3, (1, 20, 40))),
+                                          None),
+        "dense_mask_perhead": (40, 36, lambda: zk.from_dense_mask(torch.rand(B, H, 40, 36, generator=g) > 0.7), None, None),
+        "dense_relpos_grid": (42, 42, lambda: None,
+                              lambda dt: zk.RelPosBias(_r(B, H, 42, 11, dtype=dt), _r(B, H, 42, 13, dtype=dt), (6, 7), (6, 7)),
+                              None),
+        "dense_gmm_mul_prefix": (50, 50, lambda: None, None,
+                                 lambda dt: zk.GaussianMixture(_r(H, 3, dtype=dt), (torch.rand(H, 3) + 0.5).to(dt), (7, 7),
+                                                               num_prefix_tokens=1)),
+        "causal_gmm_add_broadcast_bias": (49, 49, lambda: zk.causal(49), lambda dt: _r(1, H, 1, 49, dtype=dt),
+                                          lambda dt: zk.GaussianMixture(_r(1, 2, dtype=dt), (torch.rand(1, 2) + 0.5).to(dt),
+                                                                        (7, 7), mode="add")),
+    }
+
+
+CASES = _cases()
+FP16 = ["window_zero_relpos", "routed_duplicates_kvvalid_perhead", "segments_ragged_empty_rows", "dense_gmm_mul_prefix"]
+
+
+def _leaves(bias, sm):
+    out = []
+    if isinstance(bias, torch.Tensor):
+        out.append(bias)
+    elif bias is not None:
+        out += bias.tensors()
+    if sm is not None:
+        out += sm.tensors()
+    return out
+
+
+def _to(obj, dev):
+    """Move a layout / bias / score-mod object's tensors to `dev` (GPU variant of these tests)."""
+    if obj is None or isinstance(obj, torch.Tensor):
+        return obj.to(dev) if obj is not None else None
+    for n, val in list(vars(obj).items()):
+        if isinstance(val, torch.Tensor):
+            setattr(obj, n, val.to(dev))
+        if n == "_groups" and val is not None:
+            obj._groups = tuple(t.to(dev) for t in val)
+    return obj
+
+
+def _check(name, dtype, D=16, Dv=16, scale=None, device="cpu"):
+    torch.manual_seed(1)
+    Lq, Lk, mk_lay, mk_bias, mk_sm = CASES[name]
+    lay = _to(mk_lay(), device)
+    bias = _to(mk_bias(dtype), device) if mk_bias else None
+    sm = _to(mk_sm(dtype), device) if mk_sm else None
+    q, k, v = (_r(B, H, L, d, dtype=dtype).to(device) for L, d in ((Lq, D), (Lk, D), (Lk, Dv)))
+    leaves = [q, k, v] + _leaves(bias, sm)
+    for t in leaves:
+        t.requires_grad_(True)
+    o, l = zk.attention(q, k, v, lay, bias=bias, score_mod=sm, scale=scale, return_lse=True, backend="triton")
+    assert o.dtype == dtype and l.dtype == torch.float32
+    fin = torch.isfinite(l)
+    go, gl = torch.randn_like(o), torch.randn_like(l)
+    g1 = torch.autograd.grad((o * go).sum() + (torch.where(fin, l, 0) * gl).sum(), leaves)
+
+    dl = [t.detach().double().requires_grad_(True) for t in leaves]
+    from zoo.kernels.reference import _rebuild
+    b2, s2 = _rebuild(bias, sm, dl[3:])
+    o2, l2 = dense_oracle(dl[0], dl[1], dl[2], lay, bias=b2, score_mod=s2, scale=scale)
+    fin2 = torch.isfinite(l2)
+    g2 = torch.autograd.grad((o2 * go.double()).sum() + (torch.where(fin2, l2, 0) * gl.double()).sum(), dl)
+    tol = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2),
+           torch.bfloat16: dict(atol=4e-2, rtol=4e-2)}[dtype]
+    assert torch.equal(fin, fin2)
+    assert torch.all(o[~fin[..., None].expand_as(o)] == 0)
+    torch.testing.assert_close(o.double(), o2, **tol)
+    torch.testing.assert_close(l[fin].double(), l2[fin2], **tol)
+    for a, b, t in zip(g1, g2, leaves):
+        assert torch.isfinite(a).all()
+        scale_ = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double() / scale_, b / scale_, **tol)
+    return lay, l
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_interpreter_fp32(name):
+    lay, lse = _check(name, torch.float32)
+    if name == "segments_ragged_empty_rows":
+        assert torch.isneginf(lse[..., 22:25]).all() and torch.isneginf(lse[..., 25:]).all()
+    if name == "routed_duplicates_kvvalid_perhead":
+        lut = build_lut(lay, 64, 64, torch.device("cpu"))
+        counts = lut.kv_num + lut.full_num
+        assert counts[0, 0].tolist() == [1, 2, 1, 2]          # [0, 0] and [2, 2] collapse
+        for r in range(4):
+            idx = lut.kv_idx[0, 0, r, :lut.kv_num[0, 0, r]].tolist()
+            assert len(idx) == len(set(idx))
+
+
+@pytest.mark.parametrize("name", FP16)
+def test_triton_interpreter_fp16(name):
+    _check(name, torch.float16)
+
+
+def test_triton_head_dims_padded_and_dv_differs():
+    CASES["dense_d24"] = (30, 30, lambda: None, None, None)
+    try:
+        _check("dense_d24", torch.float32, D=24, Dv=40, scale=0.3)
+    finally:
+        del CASES["dense_d24"]
+
+
+def test_triton_rejects_bad_input():
+    q = torch.randn(1, 1, 16, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        zk.attention(q, q, q, backend="triton")
+    q = torch.randn(1, 1, 16, 320)
+    with pytest.raises(ValueError, match="256"):
+        zk.attention(q, q, q, backend="triton")
