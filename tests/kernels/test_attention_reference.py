@@ -274,3 +274,22 @@ def test_bad_inputs_raise_clear_errors():
         zk.varlen(torch.tensor([1, 4]))
     with pytest.raises(ValueError, match="bool"):
         zk.from_dense_mask(torch.ones(1, 1, 16, 16))
+
+
+def test_routed_kv_valid_broadcast_over_batch():
+    # kv_valid given once (1, L) for a batch of 2 and per-sample routing: must equal the oracle
+    torch.manual_seed(0)
+    B, H, nR, S, D = 2, 2, 4, 4, 8
+    q, k, v = (torch.randn(B, H, nR * S, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    topk = torch.stack([torch.randperm(nR)[:2] for _ in range(B * nR)]).view(B, nR, 2)
+    valid = torch.ones(1, nR * S, dtype=torch.bool)
+    valid[:, -3:] = False
+    lay = zk.routed_topk(topk, S, kv_valid=valid)
+    out = zk.attention(q, k, v, lay)
+    ref_out, _ = dense_oracle(q, k, v, lay)
+    torch.testing.assert_close(out, ref_out)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref_out, (q, k, v), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
