@@ -111,19 +111,26 @@ def test_backward(name):
 
 @pytest.mark.parametrize("name", _applies("default_cfg"))
 def test_default_cfg(name):
+    """timm's default-cfg checks; token models (cfg pool_size None, NLC features) get timm's
+    non-standard variant: channels last, unpooled output = the token sequence."""
     cfg = _cfg(name)
     model = _model(name)
     assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
-    red = _reduction(model)
-    # cfg pool_size must agree with the model's final reduction at the cfg input size
-    expected_pool = tuple(math.ceil(s / red) for s in cfg["input_size"][1:])
-    assert tuple(cfg["pool_size"]) == expected_pool, (cfg["pool_size"], expected_pool)
+    tokens = cfg.get("pool_size") is None
     size = _test_size(name, model)
     x = _input(name, model, size=size)
+    if not tokens:
+        red = _reduction(model)
+        # cfg pool_size must agree with the model's final reduction at the cfg input size
+        expected_pool = tuple(math.ceil(s / red) for s in cfg["input_size"][1:])
+        assert tuple(cfg["pool_size"]) == expected_pool, (cfg["pool_size"], expected_pool)
     with torch.no_grad():
         feat = model.forward_features(x)
-        assert feat.shape[1] == model.num_features
-        assert tuple(feat.shape[-2:]) == tuple(math.ceil(s / red) for s in size)
+        if tokens:
+            assert feat.ndim == 3 and feat.shape[-1] == model.num_features
+        else:
+            assert feat.shape[1] == model.num_features
+            assert tuple(feat.shape[-2:]) == tuple(math.ceil(s / red) for s in size)
         pre = model.forward_head(feat, pre_logits=True)
         assert pre.shape[-1] == model.head_hidden_size
         model.reset_classifier(0)
@@ -131,9 +138,12 @@ def test_default_cfg(name):
         assert out.ndim == 2 and out.shape == pre.shape
         model.reset_classifier(0, "")
         out = model(x)
-        assert out.ndim == 4 and out.shape[1] == model.num_features
         unpooled = timm.create_model(name, num_classes=0, global_pool="").eval()(x)
-        assert unpooled.ndim == 4 and unpooled.shape[1] == model.num_features
+        for o in (out, unpooled):
+            if tokens:
+                assert o.ndim == 3 and o.shape[-1] == model.num_features
+            else:
+                assert o.ndim == 4 and o.shape[1] == model.num_features
     sd = timm.create_model(name).state_dict()
     classifiers = cfg["classifier"] if isinstance(cfg["classifier"], (tuple, list)) else [cfg["classifier"]]
     for c in classifiers:
@@ -174,7 +184,7 @@ def test_forward_intermediates(name):
         torch.testing.assert_close(f, g)
     getter = timm.create_model(name, features_only=True, feature_cls="getter").eval()
     with torch.no_grad():
-        assert len(getter(x)) == len(info)
+        assert len(getter(x)) == len(getter.feature_info.channels())
 
 
 @pytest.mark.parametrize("name", _applies("fx"))
