@@ -260,3 +260,36 @@ def test_infer_class_names():
         assert "detection" in OUTPUT_HANDLERS
     finally:
         OUTPUT_HANDLERS.pop("detection")
+
+
+def test_hard_distillation_loss_and_teacher_kept_out_of_state():
+    import torch
+    import torch.nn.functional as F
+    from mmengine.structures import BaseDataElement
+    from zoo.engine import TimmClassifier
+
+    torch.manual_seed(0)
+    m = TimmClassifier("resnet10t", num_classes=10,
+                       distillation=dict(teacher="resnet10t", pretrained=False, type="hard", alpha=0.5))
+    assert not any(k.startswith("_teacher") for k in m.state_dict())
+    assert all(not n.startswith("_teacher") for n, _ in m.named_parameters())
+    x = torch.randn(4, 3, 32, 32)
+    samples = []
+    for y in [1, 2, 3, 4]:
+        ds = BaseDataElement()
+        ds.set_field(torch.tensor(y), "gt_label")
+        samples.append(ds)
+    loss = m.loss(x, samples)["loss"]
+    logits = m.model(x)
+    t = m.__dict__["_teacher"](x).argmax(-1)
+    want = 0.5 * F.cross_entropy(logits, torch.tensor([1, 2, 3, 4])) + 0.5 * F.cross_entropy(logits, t)
+    torch.testing.assert_close(loss, want)
+
+
+def test_distillation_config_errors():
+    import pytest
+    from zoo.engine import TimmClassifier
+    with pytest.raises(ValueError, match="teacher"):
+        TimmClassifier("resnet10t", num_classes=10, distillation=dict(type="hard"))
+    with pytest.raises(ValueError, match="hard"):
+        TimmClassifier("resnet10t", num_classes=10, distillation=dict(teacher="resnet10t", type="medium", pretrained=False))

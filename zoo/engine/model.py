@@ -113,13 +113,17 @@ class TimmClassifier(BaseModel):
             picks one of the two with probability ``switch_prob``.
         grad_checkpointing: recompute activations in backward (timm's ``set_grad_checkpointing``).
         model_kwargs: extra ``timm.create_model`` kwargs (``img_size``, ``in_chans``, ``drop_path_rate`` …).
+        distillation: DeiT-style distillation, ``dict(teacher=NAME, type='hard'|'soft', alpha=0.5,
+            tau=1.0, pretrained=True, teacher_kwargs=None)``. The teacher is frozen, in eval mode,
+            sees the same (mixed) batch, and is kept out of the optimizer and the checkpoint.
+            loss = (1 - alpha) * base + alpha * (CE to the teacher's argmax | tau² · KL).
         data_preprocessor: config or module; mean/std default to the model's timm data config.
     """
 
     def __init__(self, model_name: str, pretrained: bool = False, num_classes: int = 1000,
                  label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                  switch_prob: float = 0.5, grad_checkpointing: bool = False, model_kwargs: Optional[dict] = None,
-                 data_preprocessor: Optional[Union[dict, nn.Module]] = None, init_cfg: Optional[dict] = None):
+                 distillation: Optional[dict] = None, data_preprocessor: Optional[Union[dict, nn.Module]] = None, init_cfg: Optional[dict] = None):
         import zoo  # noqa: F401  (registers zoo models with timm)
 
         check_model_name(model_name)
@@ -140,6 +144,7 @@ class TimmClassifier(BaseModel):
                                        **(model_kwargs or {}))
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        self.distillation = self._build_teacher(distillation, num_classes)
         if pretrained:
             # mmengine's BaseModule.init_weights re-initialises children lacking this flag
             # (open-mmlab/mmengine#1335), which would wipe the weights just loaded.
@@ -148,6 +153,35 @@ class TimmClassifier(BaseModel):
         if isinstance(pp, ClsDataPreprocessor) and not pp.has_normalization:
             dcfg = resolve_data_config({}, model=self.model)
             pp.set_normalization(dcfg["mean"], dcfg["std"])
+
+    def _build_teacher(self, cfg: Optional[dict], num_classes: int) -> Optional[dict]:
+        if not cfg:
+            return None
+        cfg = dict(cfg)
+        known = {"teacher", "type", "alpha", "tau", "pretrained", "teacher_kwargs"}
+        if "teacher" not in cfg or set(cfg) - known:
+            raise ValueError(f"distillation needs a 'teacher' name and accepts only {sorted(known)}; got {sorted(cfg)}")
+        if cfg.setdefault("type", "hard") not in ("hard", "soft"):
+            raise ValueError(f"distillation type must be 'hard' or 'soft', got {cfg['type']!r}")
+        check_model_name(cfg["teacher"])
+        teacher = timm.create_model(cfg["teacher"], pretrained=cfg.get("pretrained", True), num_classes=num_classes,
+                                    **(cfg.get("teacher_kwargs") or {}))
+        teacher.eval().requires_grad_(False)
+        # stored outside the module tree: not trained, not saved, not wrapped by DDP
+        self.__dict__["_teacher"] = teacher
+        return dict(type=cfg["type"], alpha=float(cfg.get("alpha", 0.5)), tau=float(cfg.get("tau", 1.0)))
+
+    def _distill_loss(self, inputs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        teacher = self.__dict__["_teacher"]
+        if next(teacher.parameters()).device != inputs.device:
+            teacher.to(inputs.device)
+        with torch.no_grad():
+            t = teacher(inputs).float()
+        if self.distillation["type"] == "hard":
+            return F.cross_entropy(logits.float(), t.argmax(dim=-1))
+        tau = self.distillation["tau"]
+        return F.kl_div(F.log_softmax(logits.float() / tau, -1), F.log_softmax(t / tau, -1),
+                        reduction="batchmean", log_target=True) * tau * tau
 
     # -- forward modes -------------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor, data_samples: Optional[List[BaseDataElement]] = None,
@@ -190,6 +224,9 @@ class TimmClassifier(BaseModel):
         else:
             logits = self.model(inputs)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        if self.distillation is not None:
+            alpha = self.distillation["alpha"]
+            loss = (1 - alpha) * loss + alpha * self._distill_loss(inputs, logits)
         return dict(loss=loss)
 
     @torch.no_grad()
