@@ -92,13 +92,25 @@ class WindowLayout(Layout):
                 raise ValueError(f"window_2d: kv_valid must be (B, h*w={h * w}), got {tuple(kv_valid.shape)}")
             self.batch = kv_valid.shape[0]
         self.kv_valid = kv_valid
-        # zero border: every row keeps its virtual keys; clamp: window always has in-map keys.
-        self.may_have_empty_rows = kv_valid is not None
+        self.may_have_empty_rows = kv_valid is not None and self._some_window_empty(kv_valid)
         # window extent per axis: start (map coords, may be < 0 for zero border) and size
         if border == "zero":
             self.win_h = self.win_w = self.win
         else:
             self.win_h, self.win_w = min(self.win, h), min(self.win, w)
+
+    def _some_window_empty(self, kv_valid) -> bool:
+        """True if some block's window has no admissible key (so the NaN-safe softmax is needed).
+        Zero border: windows touching the map edge keep their virtual keys and are never empty.
+        Clamp: checked conservatively on the unshifted window."""
+        import torch.nn.functional as F
+        valid = kv_valid.view(-1, 1, self.h, self.w).float()
+        any_valid = F.max_pool2d(valid, self.win, self.block, self.halo) > 0      # (Bv, 1, nby, nbx)
+        empty = ~any_valid[:, 0]
+        if self.border == "zero" and self.halo > 0:
+            empty[:, 0, :] = empty[:, -1, :] = False
+            empty[:, :, 0] = empty[:, :, -1] = False
+        return bool(empty.any()) if self.border == "zero" else True
 
     def starts(self, device=None):
         """Window start (map coords) for each block row / block column."""

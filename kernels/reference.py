@@ -41,6 +41,24 @@ def _attend(qg, kg, vg, scale, add=None, mask=None, mul=None, safe=True, need_ls
         o = F.scaled_dot_product_attention(qg.reshape(-1, 1, *qg.shape[-2:]), kg.reshape(-1, 1, *kg.shape[-2:]),
                                            vg.reshape(-1, 1, *vg.shape[-2:]), scale=scale)
         return o.reshape(*lead, *o.shape[-2:]), None
+    if mul is None and not safe and not need_lse and qg.dim() >= 3:
+        # additive bias / mask without empty rows: SDPA with a float mask (one fused pass, ~2x
+        # faster on CPU than the separate matmul-softmax-matmul steps below)
+        if isinstance(add, tuple):
+            gh, gw = add
+            am = (gh.unsqueeze(-1) + gw.unsqueeze(-2)).flatten(-2)
+        else:
+            am = add
+        if mask is not None:
+            zero = torch.zeros((), dtype=qg.dtype, device=qg.device)
+            mm = torch.where(mask, zero, torch.full_like(zero, _NEG_INF))
+            am = mm if am is None else am + mm
+        lead = torch.broadcast_shapes(qg.shape[:-2], kg.shape[:-2], vg.shape[:-2], am.shape[:-2])
+        M, N = qg.shape[-2], kg.shape[-2]
+        flat = lambda t, last: t.expand(*lead, t.shape[-2], last).reshape(-1, 1, t.shape[-2], last)
+        o = F.scaled_dot_product_attention(flat(qg, qg.shape[-1]), flat(kg, kg.shape[-1]), flat(vg, vg.shape[-1]),
+                                           attn_mask=am.expand(*lead, M, N).reshape(-1, 1, M, N), scale=scale)
+        return o.reshape(*lead, M, vg.shape[-1]), None
     if mul is not None:
         s = torch.matmul(qg, kg.transpose(-1, -2)) * (mul * scale)
     else:
