@@ -12,6 +12,9 @@ SUBSETS = {
     # Detectors: forward(images) returns a dict of class logits and boxes, not a (B, classes)
     # tensor; tests/models/test_focus_detr.py covers forward, backward and the losses instead.
     "focus_detr_*": ((), "detector (dict output); own tests cover forward/backward"),
+    # Puppeteer: points / skeleton tokens in, skin weights / token logits out; no image input,
+    # pooling, classifier head or feature maps. tests/models/test_puppeteer.py covers the rest.
+    "puppeteer_*": ((), "not an image classifier (points and skeleton tokens)"),
 }
 
 # Built only on the meta device (parameter count checked against the expected value): too large
@@ -19,6 +22,9 @@ SUBSETS = {
 TOO_LARGE = {
     "focus_detr_swin_base_384": (109.9, 0.02, "110 M-parameter detector"),
     "pyramid_tnt_b": (157.0, 0.01, "157 M parameters"),
+    "puppeteer_skeleton_opt350m": (304.81, 0.01, "OPT-350m decoder"),
+    "puppeteer_skin_d2": (87.66, 0.01, "not an image model; size checked here"),
+    "puppeteer_skin_d1": (44.34, 0.01, "not an image model; size checked here"),
 }
 
 # Extra per-model test input size (H, W) where the generic small size does not fit the model.
