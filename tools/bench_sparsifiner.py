@@ -1,0 +1,129 @@
+"""Sparsifiner benchmark: counted MHSA FLOPs at a keep rate, and CPU wall time of the attention.
+
+    python tools/bench_sparsifiner.py [--keep 0.25] [--batch 8] [--rounds 5] [--json out.json]
+
+FLOPs are counted from the shapes and the *measured* masks of sparsifiner_deit_small_patch16_224 at
+224 px (1 multiply-add = 2 FLOPs): q k^T and attn @ v over the kept pairs only, with and without
+the connectivity predictor's own cost. Times interleave dense and sparse in one process (A/B/A/B,
+medians), with torch.set_num_threads(2):
+  core   - the attention op on (B, 6, 197, 64): dense SDPA (zoo.kernels.attention, layout=None) vs
+           the mask layout (from_dense_mask) vs kept-only gather (routed_topk with region_size 1);
+  module - one whole attention layer (qkv, predictor, attention, proj), dense mode vs sparse mode.
+"""
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import zoo  # noqa: F401
+from zoo.kernels import attention, from_dense_mask, routed_topk
+from zoo.layers.connectivity import keep_count
+
+
+def count_flops(N, H, D, keep, mask=None, c=32, n=32, coef_topk=8):
+    """FLOPs of one layer's attention (per image). `mask` (1, H, N, N) gives the kept pairs."""
+    dense_pairs = H * N * N
+    kept = int(mask.sum()) if mask is not None else H * (N + (N - 1) * keep_count(keep, N))
+    attn = lambda pairs: 2 * 2 * pairs * D               # q k^T + attn @ v, 2 FLOPs per MAC
+    predictor = 2 * (2 * H * N * D * c                   # channel projections of q and k
+                     + H * c * N * n                     # token projection of k
+                     + H * (N - 1) * c * n               # q' k_low
+                     + H * (N - 1) * coef_topk * N)      # sparse coef @ basis
+    return dict(dense=attn(dense_pairs), sparse_core=attn(kept), predictor=predictor,
+                sparse_total=attn(kept) + predictor, density=kept / dense_pairs)
+
+
+def timeit(fn, iters):
+    fn()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keep", type=float, default=0.25)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-gather", action="store_true", help="skip the (slow) kept-only gather variant")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    model = timm.create_model("sparsifiner_deit_small_patch16_224", keep_rate=args.keep).eval()
+    attn_mod = model.blocks[0].attn
+    B, H, N, D = args.batch, attn_mod.num_heads, 197, attn_mod.head_dim
+    x = torch.randn(B, N, attn_mod.qkv.in_features)
+    with torch.no_grad():
+        q, k, v = attn_mod._qkv(x)
+        approx, mask = attn_mod.predict_mask(q, k)
+    flops = count_flops(N, H, D, args.keep, mask[:1])
+    scale = attn_mod.scale
+    lay = from_dense_mask(mask)
+    idx = approx.topk(keep_count(args.keep, N), -1, sorted=False).indices     # (B, H, N-1, K)
+    idx = torch.cat([idx[:, :, :1], idx], 2)            # row 0 (cls) filled with any k; dense below
+
+    def core_dense():
+        return attention(q, k, v, scale=scale)
+
+    def core_mask():
+        return attention(q, k, v, lay, scale=scale)
+
+    def core_gather():
+        o = attention(q, k, v, routed_topk(idx, 1), scale=scale)
+        o0 = attention(q[:, :, :1], k, v, scale=scale)
+        return torch.cat([o0, o[:, :, 1:]], 2)
+
+    with torch.no_grad():
+        torch.testing.assert_close(core_gather(), core_mask(), rtol=1e-4, atol=1e-5)
+
+    def module(mode):
+        def run():
+            attn_mod.attn_mode = mode
+            return attn_mod(x)
+        return run
+
+    res = {k: [] for k in ("core_dense_sdpa", "core_mask_layout", "core_gather_routed", "module_dense", "module_sparse")}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            res["core_dense_sdpa"].append(timeit(core_dense, args.iters))
+            res["core_mask_layout"].append(timeit(core_mask, args.iters))
+            if not args.no_gather:
+                res["core_gather_routed"].append(timeit(core_gather, 1))
+            res["module_dense"].append(timeit(module("dense"), args.iters))
+            res["module_sparse"].append(timeit(module("sparse"), args.iters))
+    attn_mod.attn_mode = "sparse"
+    med = {k: statistics.median(v) for k, v in res.items() if v}
+    out = dict(
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device=f"CPU ({platform.processor() or platform.machine()}), {args.threads} threads",
+        torch=torch.__version__, shape=dict(B=B, H=H, N=N, D=D), keep=args.keep,
+        flops_per_image_layer=flops,
+        reduction_core=1 - flops["sparse_core"] / flops["dense"],
+        reduction_with_predictor=1 - flops["sparse_total"] / flops["dense"],
+        time_ms_median=med,
+        ratio_mask_vs_sdpa=med["core_mask_layout"] / med["core_dense_sdpa"],
+        ratio_module_sparse_vs_dense=med["module_sparse"] / med["module_dense"],
+    )
+    if "core_gather_routed" in med:
+        out["ratio_gather_vs_sdpa"] = med["core_gather_routed"] / med["core_dense_sdpa"]
+    print(json.dumps(out, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Sparsifiner's connectivity predictor: a cheap low-rank guess of each query's attention row,
+turned into an instance-dependent top-k key mask for the real attention.
+
+Wei et al., "Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision
+Transformers", CVPR 2023 (arXiv 2303.13755); upstream lim142857/Sparsifiner.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models._features_fx import register_notrace_function, register_notrace_module
+
+__all__ = ["ConnectivityPredictor", "topk_connectivity", "resample_token_proj", "keep_count"]
+
+
+def keep_count(keep_rate: float, num_keys: int) -> int:
+    """Keys kept per query row: ceil(keep_rate * N), at least 1 and at most N."""
+    if not 0.0 < keep_rate <= 1.0:
+        raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
+    return max(1, min(num_keys, math.ceil(keep_rate * num_keys)))
+
+
+@register_notrace_function
+def resample_token_proj(w: torch.Tensor, num_tokens: int, num_prefix_tokens: int,
+                        old_grid: Tuple[int, int], new_grid: Optional[Tuple[int, int]] = None,
+                        rescale: bool = False) -> torch.Tensor:
+    """Resample a per-token projection (N0, n) to `num_tokens` rows.
+
+    Rows are tokens: the prefix rows stay, the patch rows are a 2-D map resampled bilinearly like
+    a position embedding (1-D along the token axis when no grid fits). With `rescale`, patch rows
+    are scaled by old/new patch count so that a token *sum* through them keeps its magnitude.
+    """
+    if w.shape[0] == num_tokens:
+        return w
+    n_old = w.shape[0] - num_prefix_tokens
+    n_new = num_tokens - num_prefix_tokens
+    if n_new <= 0:
+        raise ValueError(f"connectivity predictor needs at least one patch token, got {num_tokens} tokens "
+                         f"with {num_prefix_tokens} prefix tokens")
+    if new_grid is None:
+        g = int(round(math.sqrt(n_new)))
+        new_grid = (g, g) if g * g == n_new else None
+    if new_grid is not None and old_grid[0] * old_grid[1] == n_old:
+        out = resample_abs_pos_embed(w[None], new_size=list(new_grid), old_size=list(old_grid),
+                                     num_prefix_tokens=num_prefix_tokens, interpolation="bilinear",
+                                     antialias=False)[0]
+    else:
+        patch = F.interpolate(w[None, num_prefix_tokens:].transpose(1, 2), size=n_new, mode="linear",
+                              align_corners=False).transpose(1, 2)[0]
+        out = torch.cat([w[:num_prefix_tokens], patch], 0)
+    if rescale:
+        scale = torch.ones(num_tokens, 1, dtype=w.dtype, device=w.device)
+        scale[num_prefix_tokens:] = n_old / n_new
+        out = out * scale
+    return out
+
+
+@register_notrace_function
+def topk_connectivity(approx_attn: torch.Tensor, keep_rate: float, num_prefix_tokens: int = 1,
+                      none_if_dense: bool = False) -> Optional[torch.Tensor]:
+    """approx_attn (B, H, N - P, N) -> bool mask (B, H, N, N), True = attend, detached.
+
+    Each non-prefix query keeps its ceil(keep_rate * N) highest-scoring keys; prefix (cls) query
+    rows stay dense because the classifier reads them. With `none_if_dense`, a mask that keeps
+    every key is returned as None (dense attention).
+    """
+    B, H, M, N = approx_attn.shape
+    k = keep_count(keep_rate, N)
+    if none_if_dense and k >= N:
+        return None
+    idx = approx_attn.detach().topk(k, dim=-1, sorted=False).indices
+    rows = torch.zeros(B, H, M, N, dtype=torch.bool, device=approx_attn.device).scatter_(-1, idx, True)
+    dense = torch.ones(B, H, N - M, N, dtype=torch.bool, device=approx_attn.device)
+    return torch.cat([dense, rows], dim=2)
+
+
+@register_notrace_module     # data-dependent top-k and size-dependent resampling: a leaf for torch.fx
+class ConnectivityPredictor(nn.Module):
+    """Low-rank attention approximation from the layer's own q, k (upstream `MaskPredictor`).
+
+    q, k (B, H, N, D) -> channel down-projection D -> D/`reduce_c_factor` (shared by the heads),
+    keys projected along tokens N -> n = N0 // `reduce_n_factor` with `proj_n`; coefficients =
+    softmax(q' k_low * H^-0.5) over the n basis rows (prefix query rows dropped), sparsified to the
+    top `coef_topk`; basis = |proj_back_n|^T thresholded at `basis_threshold`; approx = coef @ basis.
+
+    `recon=True` is the predictor-training form (phase 1 of the recipe): full coefficients and the
+    raw, signed basis, so every weight gets a gradient from the reconstruction loss.
+
+    `rank` fixes n directly (default: built token count // reduce_n_factor).
+    Token projections are built for `num_tokens` (prefix + grid); other token counts resample
+    them (bilinear over the grid, see `resample_token_proj`), so the model runs at any size.
+    Param names follow upstream (`proj_c_q`, `proj_c_k`, `proj_n`, `proj_back_n`).
+    """
+
+    def __init__(self, head_dim: int, num_heads: int, grid_size: Tuple[int, int], num_prefix_tokens: int = 1,
+                 reduce_c_factor: int = 2, reduce_n_factor: int = 6, basis_threshold: float = 0.02,
+                 coef_topk: int = 8, rank: Optional[int] = None, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.num_heads = num_heads
+        self.grid_size = tuple(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.num_tokens = num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        self.reduced_c = max(1, head_dim // reduce_c_factor)
+        self.reduced_n = int(rank) if rank else max(1, self.num_tokens // reduce_n_factor)
+        self.scale = num_heads ** -0.5          # upstream scales by the head count, not head_dim
+        self.basis_threshold = basis_threshold
+        self.coef_topk = coef_topk
+        self.proj_c_q = nn.Linear(head_dim, self.reduced_c, **dd)
+        self.proj_c_k = nn.Linear(head_dim, self.reduced_c, **dd)
+        self.proj_n = nn.Parameter(torch.zeros(self.num_tokens, self.reduced_n, **dd))
+        self.proj_back_n = nn.Parameter(torch.zeros(self.num_tokens, self.reduced_n, **dd))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        trunc_normal_(self.proj_n, std=0.02)
+        trunc_normal_(self.proj_back_n, std=0.02)
+
+    def token_projections(self, num_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        p = self.num_prefix_tokens
+        down = resample_token_proj(self.proj_n, num_tokens, p, self.grid_size, rescale=True)
+        up = resample_token_proj(self.proj_back_n, num_tokens, p, self.grid_size)
+        return down, up
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, recon: bool = False) -> torch.Tensor:
+        """q, k (B, H, N, D) -> approx attention (B, H, N - P, N) over all N keys."""
+        N = q.shape[2]
+        down, up = self.token_projections(N)
+        qc = self.proj_c_q(q)                                     # (B, H, N, c)
+        kc = self.proj_c_k(k)
+        k_low = kc.transpose(-1, -2) @ down                       # (B, H, c, n)
+        logits = (qc[:, :, self.num_prefix_tokens:] @ k_low) * self.scale
+        # A softmax over the n low-rank basis coefficients, not attention over tokens: it mixes
+        # basis rows, so it stays here rather than going through zoo.kernels.attention.
+        coef = logits.softmax(dim=-1)                             # (B, H, N - P, n)
+        if recon:
+            return coef @ up.t()
+        if 0 < self.coef_topk < coef.shape[-1]:
+            val, idx = coef.topk(self.coef_topk, dim=-1, sorted=False)
+            coef = torch.zeros_like(coef).scatter_(-1, idx, val)
+        basis = up.abs().t()
+        basis = basis.masked_fill(basis <= self.basis_threshold, 0.0)
+        return coef @ basis
+
+    def extra_repr(self) -> str:
+        return (f"tokens={self.num_tokens}, grid={self.grid_size}, rank={self.reduced_n}, "
+                f"channels={self.reduced_c}, coef_topk={self.coef_topk}, basis_threshold={self.basis_threshold}")
