@@ -15,6 +15,12 @@ SUBSETS = {
     # Puppeteer: points / skeleton tokens in, skin weights / token logits out; no image input,
     # pooling, classifier head or feature maps. tests/models/test_puppeteer.py covers the rest.
     "puppeteer_*": ((), "not an image classifier (points and skeleton tokens)"),
+    # 3-D segmenters: (B, 1, D1, D2, D3) in, per-voxel logits out; no pooled head, feature pyramid
+    # or fx trace (pooling depends on the volume size). tests/models/test_agunet.py covers
+    # forward, backward, grad checkpointing and forward_intermediates.
+    "agunet_3d*": ((), "3-D segmenter"),
+    "daunet_3d*": ((), "3-D segmenter"),
+    "dagunet_3d*": ((), "3-D segmenter"),
 }
 
 # Built only on the meta device (parameter count checked against the expected value): too large
