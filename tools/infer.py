@@ -3,6 +3,7 @@
     python tools/infer.py work_dirs/quickstart_digits/best_accuracy_top1_epoch_8.pth my_digits/
     python tools/infer.py resnet10t.a1_in1k cat.jpg --topk 3        # ImageNet class names
     python tools/infer.py exported/resnet10t-1a2b3c4d.safetensors x.png --model resnet10t --num-classes 10
+    python tools/infer.py work_dirs/agunet/best.pth case.nii.gz --out-dir masks/   # NIfTI mask + PNG overlay
 """
 import argparse
 import importlib.util
@@ -12,6 +13,13 @@ import sys
 
 if importlib.util.find_spec("zoo") is None:  # not installed: use this checkout
     sys.path.append(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def _is_nifti(path):
+    if osp.isdir(path):
+        import glob
+        return bool(glob.glob(osp.join(path, "*.nii")) + glob.glob(osp.join(path, "*.nii.gz")))
+    return path.endswith((".nii", ".nii.gz"))
 
 
 def main(argv=None):
@@ -26,9 +34,14 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--task", help="output handler (default: from the model's cfg, else classification)")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    p.add_argument("--out-dir", default="infer_out", help="where 3-D segmentation masks and overlays go")
     args = p.parse_args(argv)
     if args.topk < 1:
         p.error(f"--topk must be >= 1, got {args.topk}")
+
+    if args.task == "seg3d" or any(_is_nifti(i) for i in args.inputs):
+        from zoo.engine.seg3d import infer_nifti
+        return infer_nifti(args.model, args.inputs, args.out_dir, model_name=args.model_name, device=args.device)
 
     from zoo.engine.inference import run
 

@@ -122,3 +122,24 @@ def test_nifti_dataset_model_wrapper_and_inference(tmp_path):
     assert mask.shape == (12, 10, 6) and np.allclose(mask.affine, np.diag([1.0, 1.0, 2.0, 1.0]))
     with pytest.raises(FileNotFoundError, match="nii"):
         infer_nifti(model.model, [str(tmp_path / "nope.png")], str(tmp_path / "out"))
+
+
+def test_infer_tool_writes_nifti_mask_and_overlay(tmp_path):
+    import subprocess
+    import sys
+    import nibabel as nib
+    import numpy as np
+    vol = np.random.default_rng(0).random((24, 24, 24)).astype(np.float32)
+    src = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(src))
+    import timm
+    from safetensors.torch import save_file
+    weights = tmp_path / "agunet_small.safetensors"
+    save_file(timm.create_model("agunet_3d_small").state_dict(), str(weights))
+    repo = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    subprocess.run([sys.executable, osp.join(repo, "tools", "infer.py"), str(weights), str(src),
+                    "--model-name", "agunet_3d_small", "--out-dir", str(tmp_path / "out")],
+                   check=True, capture_output=True, timeout=600)
+    mask = nib.load(str(tmp_path / "out" / "case_mask.nii.gz"))
+    assert mask.shape == vol.shape
+    assert (tmp_path / "out" / "case_overlay.png").is_file()
