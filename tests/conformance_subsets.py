@@ -21,6 +21,9 @@ SUBSETS = {
     "agunet_3d*": ((), "3-D segmenter"),
     "daunet_3d*": ((), "3-D segmenter"),
     "dagunet_3d*": ((), "3-D segmenter"),
+    # PartCrafter: a part-wise latent DiT (velocity output for packed part tokens), not an image
+    # model; tests/models/test_partcrafter.py covers forward, backward and the layouts.
+    "partcrafter_dit*": ((), "latent DiT blocks, not an image classifier"),
 }
 
 # Built only on the meta device (parameter count checked against the expected value): too large
@@ -28,6 +31,7 @@ SUBSETS = {
 TOO_LARGE = {
     "focus_detr_swin_base_384": (109.9, 0.02, "110 M-parameter detector"),
     "pyramid_tnt_b": (157.0, 0.01, "157 M parameters"),
+    "partcrafter_dit": (1439.621696, 0.001, "1.44 B-parameter PartCrafter DiT"),
     "puppeteer_skeleton_opt350m": (304.81, 0.01, "OPT-350m decoder"),
     "puppeteer_skin_d2": (87.66, 0.01, "not an image model; size checked here"),
     "puppeteer_skin_d1": (44.34, 0.01, "not an image model; size checked here"),
