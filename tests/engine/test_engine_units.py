@@ -255,11 +255,15 @@ def test_infer_class_names():
     small = timm.create_model("test_resnet", num_classes=3)
     assert class_names(small, dict(classes=["a", "b", "c"])) == ["a", "b", "c"]
     assert class_names(small, dict(classes=None)) == ["0", "1", "2"]
+    previous = OUTPUT_HANDLERS.get("detection")
     register_output_handler("detection", lambda *a, **k: [], lambda r: None)
     try:
         assert "detection" in OUTPUT_HANDLERS
     finally:
-        OUTPUT_HANDLERS.pop("detection")
+        if previous is None:
+            OUTPUT_HANDLERS.pop("detection")
+        else:
+            OUTPUT_HANDLERS["detection"] = previous
 
 
 def test_hard_distillation_loss_and_teacher_kept_out_of_state():

@@ -3,6 +3,7 @@
 Outputs are formatted per task by handlers in :data:`OUTPUT_HANDLERS`; classification is built in,
 detection / segmentation families register theirs with :func:`register_output_handler`.
 """
+import inspect
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -106,7 +107,9 @@ def load_model(model_or_ckpt: str, model_name: Optional[str] = None, num_classes
         except Exception as e:
             raise RuntimeError(f"could not load pretrained weights for {model_or_ckpt!r}: {e} "
                                "(weights download on first use; offline, the cache must already hold them)") from e
-    info["task"] = (getattr(model, "pretrained_cfg", None) or {}).get("task", "classification")
+    # detectors (a network with postprocess(), see zoo.engine.detection) default to 'detection'
+    default_task = "detection" if hasattr(model, "postprocess") else "classification"
+    info["task"] = (getattr(model, "pretrained_cfg", None) or {}).get("task") or default_task
     return model.eval().to(device), info
 
 
@@ -189,14 +192,18 @@ def register_output_handler(task: str, run_fn: Callable, print_fn: Callable) -> 
 
 def run(model_or_ckpt: str, inputs: Sequence[str], topk: int = 5, model_name: Optional[str] = None,
         num_classes: Optional[int] = None, device: str = "cpu", task: Optional[str] = None,
-        verbose: bool = True) -> List[dict]:
+        verbose: bool = True, options: Optional[dict] = None) -> List[dict]:
+    """``options``: extra keyword arguments (e.g. ``score_thr``, ``out_dir``) passed on to the task's
+    handler where its ``run_fn`` accepts them; the others are ignored."""
     files = find_images(inputs)
     model, info = load_model(model_or_ckpt, model_name, num_classes, device)
     task = task or info["task"]
     if task not in OUTPUT_HANDLERS:
         raise ValueError(f"no inference handler for task {task!r}; known: {', '.join(OUTPUT_HANDLERS)}")
     run_fn, print_fn = OUTPUT_HANDLERS[task]
-    results = run_fn(model, info, files, topk=topk)
+    accepted = inspect.signature(run_fn).parameters
+    extra = {k: v for k, v in (options or {}).items() if k in accepted}
+    results = run_fn(model, info, files, topk=topk, **extra)
     if verbose:
         print_fn(results)
     return results
