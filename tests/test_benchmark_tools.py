@@ -1,0 +1,160 @@
+"""tools/benchmark.py (JSON fields, attention FLOP formula) and tools/make_cards.py (marked regions only).
+
+No timing assertions: speeds are benchmark output, not test conditions.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import zoo
+from zoo.kernels import attention, from_dense_mask, routed_topk, window_2d
+from zoo.kernels.custom_op import force_custom_op
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import benchmark  # noqa: E402
+import make_cards  # noqa: E402
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, layout, Dv):
+        super().__init__()
+        self.layout, self.Dv = layout, Dv
+
+    def forward(self, q):
+        return attention(q, q, q[..., : self.Dv], self.layout)
+
+
+def _flops(layout, B, H, L, D, Dv, train=False):
+    q = torch.randn(B, H, L, D, requires_grad=train)
+    return benchmark.count_flops(_Attn(layout, Dv), q, train=train)
+
+
+def test_attention_flops_dense_match_torch_matmul_count():
+    B, H, L, D = 2, 3, 20, 8
+    got = _flops(None, B, H, L, D, D)
+    q = torch.randn(B, H, L, D)
+    fc = FlopCounterMode(display=False)
+    with fc:  # explicit matmuls: torch's own count for softmax(q k^T) v
+        torch.softmax(q @ q.transpose(-1, -2), -1) @ q
+    assert got["attention"] == got["total"] == fc.get_total_flops() == 4 * B * H * L * L * D
+
+
+def test_attention_flops_window_counts_virtual_keys_and_masks():
+    B, H, D, Dv = 2, 2, 8, 4
+    lay = window_2d(8, 8, 4, 1)                    # zero border: every query sees a full 6x6 window
+    got = _flops(lay, B, H, 64, D, Dv)
+    assert got["attention"] == 2 * (D + Dv) * B * H * 64 * 36
+    kv = torch.ones(B, 64, dtype=torch.bool)
+    kv[:, -8:] = False                             # last row padded: masked keys do not count
+    lay = window_2d(8, 8, 4, 1, kv_valid=kv)
+    kept = int(lay.to_dense_mask(include_virtual=True).sum()) * H
+    assert kept < B * H * 64 * 36
+    assert _flops(lay, B, H, 64, D, Dv)["attention"] == 2 * (D + Dv) * kept
+    # backward counted as twice the forward
+    tr = _flops(window_2d(8, 8, 4, 1, border="clamp"), 1, H, 64, D, D, train=True)
+    assert tr["attention"] == 3 * 2 * 2 * D * H * 64 * 36
+
+
+def test_attention_flops_routed_dedup_and_dense_mask():
+    idx = torch.tensor([[[0, 1], [1, 1], [2, 0], [3, 3]]])        # duplicates attended once
+    lay = routed_topk(idx, 4)
+    got = _flops(lay, 1, 2, 16, 8, 8)["attention"]
+    assert got == 2 * 16 * 2 * int(lay.to_dense_mask().sum()) == 2 * 16 * 2 * (2 + 1 + 2 + 1) * 16
+    m = torch.rand(1, 1, 16, 16) > 0.5
+    m[..., 0] = True
+    assert _flops(from_dense_mask(m), 2, 2, 16, 8, 8)["attention"] == 2 * 16 * 2 * 2 * int(m.sum())
+
+
+def test_benchmark_cli_writes_json_with_reference(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(REPO / "tools" / "benchmark.py"), "zoo_test_toynet", "--import",
+           str(REPO / "tests" / "_toy_models.py"), "--batch", "2", "--warmup", "0", "--iters", "1", "--rounds", "2",
+           "--threads", "1", "--reference", "_toy_models:ToyNet", "--reference-path", str(REPO / "tests"),
+           "--out", str(out), "--markdown"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| zoo_test_toynet |" in p.stdout and "infer ratio" in p.stdout
+    recs = json.loads(out.read_text())
+    assert isinstance(recs, list) and len(recs) == 1
+    r = recs[0]
+    for k in ("model", "params_m", "gmacs", "attention_gmacs", "input_size", "batch", "dtype", "infer_img_s",
+              "train_img_s", "infer_mem_mb", "train_mem_mb", "device", "device_name", "torch", "threads", "date"):
+        assert k in r, k
+    assert r["model"] == "zoo_test_toynet" and r["batch"] == 2 and r["input_size"] == [3, 64, 64]
+    assert r["threads"] == 1 and r["torch"] == torch.__version__ and r["device"] == "cpu"
+    assert r["params_m"] > 0 and r["gmacs"] > 0 and r["attention_gmacs"] == 0
+    assert r["infer_img_s"] > 0 and r["train_img_s"] > 0 and r["train_mem_mb"] > 0
+    ref = r["reference"]
+    assert ref["name"] == "_toy_models:ToyNet" and ref["params_m"] == r["params_m"]
+    for k in ("infer_img_s", "infer_ratio", "train_img_s", "train_ratio", "gmacs"):
+        assert ref[k] > 0, k
+    assert ref["gmacs"] == r["gmacs"]          # same network: same count
+
+
+def test_benchmark_rejects_bad_input(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["x", "--batch", "0"])
+    assert "--batch must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown model"):
+        benchmark.resolve_models(benchmark.parse_args(["no_such_model_xyz"]))
+    with pytest.raises(ValueError, match="neither a timm model name"):
+        benchmark.load_reference("no_such_model_xyz", None)
+
+
+def test_merge_and_markdown():
+    a = dict(model="m", input_size=[3, 8, 8], batch=2, dtype="float32", device="cpu", infer_img_s=1.0)
+    b = dict(a, infer_img_s=2.0)
+    c = dict(a, batch=4)
+    assert benchmark.merge_records([a, c], [b]) == [c, b]
+    assert "| m |" in benchmark.markdown_table([b])
+
+
+def test_replace_region():
+    m = ("<!-- a -->", "<!-- b -->")
+    assert make_cards.replace_region("x\n", m, "new") == "x\n\n<!-- a -->\nnew\n<!-- b -->\n"
+    t = "pre\n<!-- a -->\nold\n<!-- b -->\npost\n"
+    assert make_cards.replace_region(t, m, "new") == "pre\n<!-- a -->\nnew\n<!-- b -->\npost\n"
+    with pytest.raises(ValueError, match="markers"):
+        make_cards.replace_region("<!-- b -->\n<!-- a -->", m, "x")
+
+
+def test_make_cards_rewrites_only_marked_regions(tmp_path):
+    fam = "sparsifiner"
+    cards, results = tmp_path / "model_cards", tmp_path / "model_cards" / "results"
+    results.mkdir(parents=True)
+    prose = "# Card\n\nAuthor prose | with a table |\n\nUpstream claims: 79.9 top-1 (upstream's).\n"
+    (cards / f"{fam}.md").write_text(prose)
+    other = "# Other card\n<!-- measured:start -->\nkeep?\n<!-- measured:end -->\ntail\n"
+    readme_pre = "# Title\n\nintro\n\n<!-- model-table:start -->\nold table\n<!-- model-table:end -->\n\n## After\ntext\n"
+    (tmp_path / "README.md").write_text(readme_pre)
+    name = zoo.list_models(family=fam)[0]
+    rec = dict(model=name, family=fam, params_m=5.9, gmacs=1.0, attention_gmacs=0.1, input_size=[3, 224, 224],
+               batch=8, dtype="float32", infer_img_s=12.5, train_img_s=4.0, infer_mem_mb=10.0, train_mem_mb=50.0,
+               device="cpu", device_name="CPU test", threads=2, torch="t", date="2026-01-01 00:00 UTC")
+    (results / f"{fam}.json").write_text(json.dumps([rec, dict(model="broken", family=fam, error="X")]))
+    argv = ["--cards-dir", str(cards), "--readme", str(tmp_path / "README.md"), "--families", fam]
+    assert make_cards.main(argv) == 0
+    card = (cards / f"{fam}.md").read_text()
+    assert card.startswith(prose)                              # prose untouched, markers appended
+    region = card[card.index("<!-- measured:start -->"):card.index("<!-- measured:end -->")]
+    assert f"| {name} | 5.90 |" in region and "CPU test" in region and "2026-01-01" in region
+    assert "broken" not in region and "plots/sparsifiner_speed.png" in region
+    assert (cards / "plots" / "sparsifiner_speed.png").stat().st_size > 0
+    readme = (tmp_path / "README.md").read_text()
+    head, rest = readme.split("<!-- model-table:start -->")
+    table, tail = rest.split("<!-- model-table:end -->")
+    assert head == "# Title\n\nintro\n\n" and tail == "\n\n## After\ntext\n"
+    assert "old table" not in table and f"| {name} | [{fam}](model_cards/{fam}.md) |" in table
+    assert "12.5 img/s" in table
+    assert (cards / "README.md").exists()
+    # idempotent: a second run changes nothing
+    assert make_cards.main(argv) == 0
+    assert (cards / f"{fam}.md").read_text() == card and (tmp_path / "README.md").read_text() == readme
