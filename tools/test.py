@@ -46,23 +46,11 @@ def parse_args(argv=None):
 
 
 def build_cfg(args):
-    from mmengine.config import Config
-
     from zoo.engine.compat import guard_dataloaders, init_distributed, load_checkpoint_file
-    from zoo.engine.config_check import check_config
+    from zoo.engine.config_check import load_config
     from zoo.engine.model import check_model_name
 
-    if not osp.isfile(args.config):
-        raise FileNotFoundError(f"config file {args.config!r} does not exist")
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    check_config(cfg, args.config)
-    cfg.launcher = args.launcher
-    if args.work_dir:
-        cfg.work_dir = args.work_dir
-    elif cfg.get("work_dir") is None:
-        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     if args.pretrained:
         check_model_name(args.pretrained)
         cfg.model.model_name = args.pretrained

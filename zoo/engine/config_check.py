@@ -104,3 +104,24 @@ def check_config(cfg, filename: str = "config") -> None:
             raise ValueError(f"{filename}: {where}.type={name!r} is not registered in "
                              f"{'/'.join(r.name for r in registries)}{hint} (is `custom_imports` "
                              "importing the module that registers it, e.g. zoo.engine?)")
+
+
+def load_config(path: str, cfg_options=None, launcher: str = "none", work_dir=None):
+    """What tools/train.py and tools/test.py both do first: read the config, apply --cfg-options,
+    check it for typos, and settle the launcher and the work dir (default ``work_dirs/<name>``)."""
+    import os.path as osp
+
+    from mmengine.config import Config
+
+    if not osp.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    check_config(cfg, path)
+    cfg.launcher = launcher
+    if work_dir:
+        cfg.work_dir = work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(path))[0])
+    return cfg
