@@ -2,8 +2,7 @@
 # defaults): 100 epochs with 10 linear warm-up epochs then cosine, AdamW lr 1e-3 / wd 0.05, batch 128,
 # label smoothing 0.1, Mixup / CutMix (alpha 1, switched 50/50), AutoAugment (dataset policy, in the
 # dataset classes of zoo/engine/gmm_datasets.py), repeated augmentation x3, random erasing 0.25,
-# stochastic depth 0.1. Not reproduced: the reference mixes only half of the batches (mix_prob 0.5);
-# TimmClassifier mixes every batch.
+# stochastic depth 0.1. The reference mixes only half of the batches (mix_prob 0.5).
 _base_ = ['../_base_/default_runtime.py']
 
 optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05))
@@ -29,6 +28,7 @@ model = dict(
     mixup_alpha=1.0,
     cutmix_alpha=1.0,
     switch_prob=0.5,
+    mix_prob=0.5,
     model_kwargs=dict(drop_path_rate=0.1),
     data_preprocessor=dict(type='ClsDataPreprocessor', random_erasing=dict(probability=0.25, mode='const')),
 )

@@ -297,3 +297,22 @@ def test_distillation_config_errors():
         TimmClassifier("resnet10t", num_classes=10, distillation=dict(type="hard"))
     with pytest.raises(ValueError, match="hard"):
         TimmClassifier("resnet10t", num_classes=10, distillation=dict(teacher="resnet10t", type="medium", pretrained=False))
+
+
+def test_mix_prob_leaves_some_batches_unmixed():
+    import numpy as np
+    import torch
+    from zoo.engine import TimmClassifier
+
+    x = torch.randn(4, 3, 16, 16)
+    t = torch.eye(4)
+    m = TimmClassifier("resnet10t", num_classes=4, mixup_alpha=1.0, mix_prob=0.0)
+    xo, to = m._mix(x, t)
+    assert xo is x and to is t
+    m = TimmClassifier("resnet10t", num_classes=4, mixup_alpha=1.0, mix_prob=0.5)
+    np.random.seed(0)
+    mixed = [m._mix(x, t)[0] is not x for _ in range(200)]
+    assert 60 < sum(mixed) < 140
+    import pytest
+    with pytest.raises(ValueError, match="mix_prob"):
+        TimmClassifier("resnet10t", num_classes=4, mix_prob=1.5)

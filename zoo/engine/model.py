@@ -110,7 +110,8 @@ class TimmClassifier(BaseModel):
         num_classes: classifier width.
         label_smoothing: smoothing of the training targets.
         mixup_alpha, cutmix_alpha: Beta(alpha, alpha) mixing in training; with both set, each batch
-            picks one of the two with probability ``switch_prob``.
+            picks one of the two with probability ``switch_prob``; ``mix_prob`` is the chance that a
+            batch is mixed at all (timm's ``mixup_prob``).
         grad_checkpointing: recompute activations in backward (timm's ``set_grad_checkpointing``).
         model_kwargs: extra ``timm.create_model`` kwargs (``img_size``, ``in_chans``, ``drop_path_rate`` …).
         distillation: DeiT-style distillation, ``dict(teacher=NAME, type='hard'|'soft', alpha=0.5,
@@ -122,7 +123,7 @@ class TimmClassifier(BaseModel):
 
     def __init__(self, model_name: str, pretrained: bool = False, num_classes: int = 1000,
                  label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                 switch_prob: float = 0.5, grad_checkpointing: bool = False, model_kwargs: Optional[dict] = None,
+                 switch_prob: float = 0.5, mix_prob: float = 1.0, grad_checkpointing: bool = False, model_kwargs: Optional[dict] = None,
                  distillation: Optional[dict] = None, data_preprocessor: Optional[Union[dict, nn.Module]] = None, init_cfg: Optional[dict] = None):
         import zoo  # noqa: F401  (registers zoo models with timm)
 
@@ -140,6 +141,9 @@ class TimmClassifier(BaseModel):
         self.mixup_alpha = float(mixup_alpha)
         self.cutmix_alpha = float(cutmix_alpha)
         self.switch_prob = float(switch_prob)
+        if not 0.0 <= mix_prob <= 1.0:
+            raise ValueError(f"mix_prob must be in [0, 1], got {mix_prob}")
+        self.mix_prob = float(mix_prob)
         self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes,
                                        **(model_kwargs or {}))
         if grad_checkpointing:
@@ -198,6 +202,8 @@ class TimmClassifier(BaseModel):
         """Mixup/CutMix against the batch rolled by one (works for any batch size >= 2)."""
         use_mixup, use_cutmix = self.mixup_alpha > 0, self.cutmix_alpha > 0
         if inputs.shape[0] < 2 or not (use_mixup or use_cutmix):
+            return inputs, target
+        if self.mix_prob < 1.0 and np.random.rand() >= self.mix_prob:
             return inputs, target
         if use_mixup and use_cutmix:
             use_cutmix = bool(np.random.rand() < self.switch_prob)
