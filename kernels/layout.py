@@ -11,6 +11,7 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "Layout", "WindowLayout", "RoutedLayout", "SegmentLayout", "CausalLayout", "MaskLayout",
@@ -102,15 +103,16 @@ class WindowLayout(Layout):
     def _some_window_empty(self, kv_valid) -> bool:
         """True if some block's window has no admissible key (so the NaN-safe softmax is needed).
         Zero border: windows touching the map edge keep their virtual keys and are never empty.
-        Clamp: checked conservatively on the unshifted window."""
-        import torch.nn.functional as F
+        Clamp: assumed possible (shifted windows are not checked)."""
+        if self.border != "zero":
+            return True
         valid = kv_valid.view(-1, 1, self.h, self.w).float()
         any_valid = F.max_pool2d(valid, self.win, self.block, self.halo) > 0      # (Bv, 1, nby, nbx)
         empty = ~any_valid[:, 0]
-        if self.border == "zero" and self.halo > 0:
+        if self.halo > 0:
             empty[:, 0, :] = empty[:, -1, :] = False
             empty[:, :, 0] = empty[:, :, -1] = False
-        return bool(empty.any()) if self.border == "zero" else True
+        return bool(empty.any())
 
     def starts(self, device=None):
         """Window start (map coords) for each block row / block column."""
