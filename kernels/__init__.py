@@ -4,8 +4,8 @@ Importing this package needs only torch; Triton is imported lazily (CUDA / inter
 mmengine never.
 """
 from .bias import GaussianMixture, IndexedBias, RelPosBias
-from .layout import (CausalLayout, Layout, MaskLayout, RoutedLayout, SegmentLayout, WindowLayout, causal,
-                     from_dense_mask, routed_topk, segments, varlen, window_2d)
+from .layout import (CausalLayout, KeyListLayout, Layout, MaskLayout, RoutedLayout, SegmentLayout, WindowLayout,
+                     causal, from_dense_mask, key_lists, routed_topk, segments, varlen, window_2d)
 from .op import attention
 from . import custom_op as _custom_op  # noqa: F401  registers zoo::attention_ref (torch.compile path)
 
@@ -16,10 +16,10 @@ if _torch.cuda.is_available():  # register the Triton ops up front so compiled g
 
 __all__ = [
     "attention",
-    "window_2d", "routed_topk", "segments", "varlen", "causal", "from_dense_mask",
+    "window_2d", "routed_topk", "segments", "varlen", "causal", "from_dense_mask", "key_lists",
     "RelPosBias", "IndexedBias", "GaussianMixture",
     "ms_deform_attn", "MultiScaleDeformableAttention",
-    "Layout", "WindowLayout", "RoutedLayout", "SegmentLayout", "CausalLayout", "MaskLayout",
+    "Layout", "WindowLayout", "RoutedLayout", "SegmentLayout", "CausalLayout", "MaskLayout", "KeyListLayout",
 ]
 
 

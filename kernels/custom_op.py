@@ -14,13 +14,14 @@ from typing import List, Optional, Tuple
 import torch
 
 from .bias import GaussianMixture, IndexedBias, RelPosBias
-from .layout import CausalLayout, MaskLayout, RoutedLayout, SegmentLayout, WindowLayout
+from .layout import CausalLayout, KeyListLayout, MaskLayout, RoutedLayout, SegmentLayout, WindowLayout
 from .reference import reference_attention
 
 __all__ = ["flatten", "unflatten", "reference_dispatch", "force_custom_op", "META_LEN"]
 
 META_LEN = 20
-_LKIND = {None: 0, WindowLayout: 1, RoutedLayout: 2, SegmentLayout: 3, CausalLayout: 4, MaskLayout: 5}
+_LKIND = {None: 0, WindowLayout: 1, RoutedLayout: 2, SegmentLayout: 3, CausalLayout: 4, MaskLayout: 5,
+          KeyListLayout: 6}
 _FORCE = [False]
 
 
@@ -59,6 +60,9 @@ def flatten(layout, bias, score_mod):
             lt.append(layout.kv_valid)
     elif isinstance(layout, MaskLayout):
         lt.append(layout.mask)
+    elif isinstance(layout, KeyListLayout):
+        meta[1:4] = [layout.kv_len, layout.dense_rows, int(layout.has_pad)]
+        lt.append(layout.index)
     fl: List[torch.Tensor] = []
     it: List[torch.Tensor] = []
     if isinstance(bias, torch.Tensor):
@@ -103,6 +107,10 @@ def unflatten(lt, fl, it, meta):
         layout = CausalLayout(ql, kl, prefix, lt[0] if has_kv else None)
     elif kind == 5:
         layout = MaskLayout(lt[0])
+    elif kind == 6:
+        kv_len, d, has_pad = meta[1:4]
+        layout = _new(KeyListLayout, index=lt[0], kv_len=kv_len, dense_rows=d, has_pad=bool(has_pad),
+                      q_len=lt[0].shape[2], batch=None, heads=None, may_have_empty_rows=bool(has_pad), _cache={})
     bias = None
     i = 0
     if meta[8] == 1:

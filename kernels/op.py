@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .bias import GaussianMixture, IndexedBias, RelPosBias
-from .layout import Layout, WindowLayout
+from .layout import KeyListLayout, Layout, WindowLayout
 
 __all__ = ["attention", "BACKENDS"]
 
@@ -44,7 +44,7 @@ def _validate(q, k, v, layout, scale, bias, score_mod, backend):
     if layout is not None:
         if not isinstance(layout, Layout):
             raise TypeError(f"attention: layout must come from a zoo.kernels builder (window_2d, routed_topk, "
-                            f"segments, varlen, causal, from_dense_mask) or be None, got {type(layout).__name__}")
+                            f"segments, varlen, causal, from_dense_mask, key_lists) or be None, got {type(layout).__name__}")
         layout.check(B, H, Lq, Lk)
     if bias is not None:
         if isinstance(bias, torch.Tensor):
@@ -103,6 +103,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Optiona
     _validate(q, k, v, layout, scale, bias, score_mod, backend)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     be = _choose_backend(q, backend)
+    if be != "reference" and isinstance(layout, KeyListLayout):
+        layout = layout.as_mask()     # the block-sparse kernels take key lists as their element mask
     if be == "reference":
         from .custom_op import reference_dispatch
         out, lse = reference_dispatch(q, k, v, layout, scale, bias, score_mod, return_lse)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .bias import GaussianMixture, IndexedBias, RelPosBias
-from .layout import CausalLayout, Layout, MaskLayout, RoutedLayout, SegmentLayout, WindowLayout
+from .layout import CausalLayout, KeyListLayout, Layout, MaskLayout, RoutedLayout, SegmentLayout, WindowLayout
 
 __all__ = ["reference_attention", "dense_oracle", "CHUNK_ELEMENTS", "RECOMPUTE_ABOVE"]
 
@@ -483,6 +483,13 @@ def reference_attention(q, k, v, layout: Optional[Layout], scale: float, bias=No
     if layout is None and bias is None and score_mod is None and not return_lse:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return out.to(in_dtype), None
+
+    if isinstance(layout, KeyListLayout):
+        from . import rowsparse
+        if rowsparse.supports(layout, q, bias, score_mod):
+            out, lse = rowsparse.rowsparse_attention(q, k, v, layout, scale, return_lse)
+            return out.to(in_dtype), lse
+        layout = layout.as_mask()
 
     dev = q.device
     if layout is None or isinstance(layout, (CausalLayout, MaskLayout)):

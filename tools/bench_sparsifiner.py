@@ -7,7 +7,9 @@ FLOPs are counted from the shapes and the *measured* masks of sparsifiner_deit_s
 the connectivity predictor's own cost. Times interleave dense and sparse in one process (A/B/A/B,
 medians), with torch.set_num_threads(2):
   core   - the attention op on (B, 6, 197, 64): dense SDPA (zoo.kernels.attention, layout=None) vs
-           the mask layout (from_dense_mask) vs kept-only gather (routed_topk with region_size 1);
+           the model's key-lists layout (logits only at kept pairs, CSR kernels) vs the same pattern
+           as a dense mask (from_dense_mask) vs kept-only gather (routed_topk with region_size 1);
+           forward, and forward+backward with --train;
   module - one whole attention layer (qkv, predictor, attention, proj), dense mode vs sparse mode.
 """
 import argparse
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo  # noqa: F401
-from zoo.kernels import attention, from_dense_mask, routed_topk
+from zoo.kernels import attention, from_dense_mask, key_lists, routed_topk
 from zoo.layers.connectivity import keep_count
 
 
@@ -58,6 +60,7 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-gather", action="store_true", help="skip the (slow) kept-only gather variant")
+    ap.add_argument("--train", action="store_true", help="also time forward+backward of the op")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -69,7 +72,8 @@ def main():
     x = torch.randn(B, N, attn_mod.qkv.in_features)
     with torch.no_grad():
         q, k, v = attn_mod._qkv(x)
-        approx, mask = attn_mod.predict_mask(q, k)
+        approx, conn = attn_mod.predict_connectivity(q, k)
+    mask = conn.to_dense_mask()
     flops = count_flops(N, H, D, args.keep, mask[:1])
     scale = attn_mod.scale
     lay = from_dense_mask(mask)
@@ -82,6 +86,9 @@ def main():
     def core_mask():
         return attention(q, k, v, lay, scale=scale)
 
+    def core_lists():      # a fresh layout per call: its CSR pattern is built inside the timing
+        return attention(q, k, v, key_lists(conn.index, N, dense_rows=1, validate=False), scale=scale)
+
     def core_gather():
         o = attention(q, k, v, routed_topk(idx, 1), scale=scale)
         o0 = attention(q[:, :, :1], k, v, scale=scale)
@@ -89,6 +96,15 @@ def main():
 
     with torch.no_grad():
         torch.testing.assert_close(core_gather(), core_mask(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(core_lists(), core_mask(), rtol=1e-4, atol=1e-5)
+    qkv = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    g = torch.randn_like(q)
+
+    def train(layout):
+        def run():
+            lay_ = None if layout is None else key_lists(layout.index, N, dense_rows=1, validate=False)
+            attention(*qkv, lay_, scale=scale).backward(g)
+        return run
 
     def module(mode):
         def run():
@@ -96,10 +112,15 @@ def main():
             return attn_mod(x)
         return run
 
-    res = {k: [] for k in ("core_dense_sdpa", "core_mask_layout", "core_gather_routed", "module_dense", "module_sparse")}
-    with torch.no_grad():
-        for _ in range(args.rounds):
+    res = {k: [] for k in ("core_dense_sdpa", "core_key_lists", "core_mask_layout", "core_gather_routed",
+                           "module_dense", "module_sparse", "train_dense_sdpa", "train_key_lists")}
+    for _ in range(args.rounds):
+        if args.train:
+            res["train_dense_sdpa"].append(timeit(train(None), args.iters))
+            res["train_key_lists"].append(timeit(train(conn), args.iters))
+        with torch.no_grad():
             res["core_dense_sdpa"].append(timeit(core_dense, args.iters))
+            res["core_key_lists"].append(timeit(core_lists, args.iters))
             res["core_mask_layout"].append(timeit(core_mask, args.iters))
             if not args.no_gather:
                 res["core_gather_routed"].append(timeit(core_gather, 1))
@@ -114,9 +135,12 @@ def main():
         reduction_core=1 - flops["sparse_core"] / flops["dense"],
         reduction_with_predictor=1 - flops["sparse_total"] / flops["dense"],
         time_ms_median=med,
+        ratio_key_lists_vs_sdpa=med["core_key_lists"] / med["core_dense_sdpa"],
         ratio_mask_vs_sdpa=med["core_mask_layout"] / med["core_dense_sdpa"],
         ratio_module_sparse_vs_dense=med["module_sparse"] / med["module_dense"],
     )
+    if "train_key_lists" in med:
+        out["ratio_train_key_lists_vs_sdpa"] = med["train_key_lists"] / med["train_dense_sdpa"]
     if "core_gather_routed" in med:
         out["ratio_gather_vs_sdpa"] = med["core_gather_routed"] / med["core_dense_sdpa"]
     print(json.dumps(out, indent=2))

@@ -41,7 +41,9 @@ def test_torch_compile_fullgraph_matches_eager():
     def f(q, k, v, rel_h, rel_w, topk):
         a = zk.attention(q, k, v, lay, bias=zk.RelPosBias(rel_h, rel_w))
         b = zk.attention(q, k, v, zk.routed_topk(topk, 4), scale=0.3)
-        return a + b
+        c = zk.attention(q, k, v, zk.key_lists(topk.repeat_interleave(4, 1)[:, None], 16, dense_rows=1,
+                                               validate=False))
+        return a + b + c
 
     args = (q, k, v, rb.rel_h, rb.rel_w, topk)
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")

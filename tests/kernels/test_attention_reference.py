@@ -19,6 +19,15 @@ def _relpos(B, H, Lq, lay):
     return zk.RelPosBias(_rand(B, H, Lq, 2 * lay.win_h - 1), _rand(B, H, Lq, 2 * lay.win_w - 1))
 
 
+def _key_lists(B, H, Lq, Lk, K, seed=0):
+    """Distinct random keys per row; a few unused (-1) slots and one row with no key at all."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(B, H, Lq, Lk, generator=g).topk(K, -1).indices
+    idx[..., 3, :2] = -1
+    idx[0, 0, 5, :] = -1
+    return idx
+
+
 def _cases():
     """(name, Lq, Lk, layout factory(B), bias factory(B, H, Lq, Lk, layout), score_mod factory(H))."""
     B = 2
@@ -52,6 +61,10 @@ def _cases():
         ("causal_prefix_kvcache", 10, 40, lambda: zk.causal(10, 40, prefix=33, kv_valid=torch.rand(B, 40) > 0.2),
          lambda B, H, Lq, Lk, lay: zk.IndexedBias(_rand(H, 3), torch.randint(0, 3, (B, Lq, Lk))), None),
         ("dense_mask", 40, 36, lambda: zk.from_dense_mask(torch.rand(B, 2, 40, 36) > 0.8), None, None),
+        ("key_lists_dense_rows_padded", 40, 36, lambda: zk.key_lists(_key_lists(B, 2, 40, 36, 6), 36, dense_rows=2),
+         None, None),
+        ("key_lists_broadcast_bias", 40, 36, lambda: zk.key_lists(_key_lists(1, 2, 40, 36, 5), 36),
+         lambda B, H, Lq, Lk, lay: _rand(B, 1, Lq, Lk), None),
         ("dense_relpos", 42, 42, lambda: None,
          lambda B, H, Lq, Lk, lay: zk.RelPosBias(_rand(B, H, Lq, 11), _rand(B, H, Lq, 13), (6, 7), (6, 7)), None),
         ("dense_gmm_mul", 50, 50, lambda: None, None,
@@ -133,7 +146,7 @@ def test_chunked_recompute_path_matches(case, monkeypatch):
 
 GRADCHECK = ["window_zero_relpos", "window_clamp_stride2_relpos", "window_zero_kvvalid_dense", "routed",
              "routed_perhead_kvvalid_indexed", "segments_cross_bias", "causal_prefix_kvcache", "dense_mask",
-             "dense_relpos", "dense_gmm_mul", "causal_gmm_add_bias"]
+             "dense_relpos", "dense_gmm_mul", "causal_gmm_add_bias", "key_lists_dense_rows_padded"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in GRADCHECK], ids=lambda c: c[0])
@@ -274,6 +287,42 @@ def test_bad_inputs_raise_clear_errors():
         zk.varlen(torch.tensor([1, 4]))
     with pytest.raises(ValueError, match="bool"):
         zk.from_dense_mask(torch.ones(1, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"kv_len=16\) or -1"):
+        zk.key_lists(torch.tensor([[[[0, 16]]]]), 16)
+    with pytest.raises(ValueError, match="same key twice"):
+        zk.key_lists(torch.tensor([[[[3, 1, 3]]]]), 16)
+    with pytest.raises(ValueError, match="int64/int32"):
+        zk.key_lists(torch.zeros(1, 1, 4, 2), 16)
+    with pytest.raises(ValueError, match="dense_rows"):
+        zk.key_lists(torch.zeros(1, 1, 4, 2, dtype=torch.long), 16, dense_rows=5)
+    with pytest.raises(ValueError, match="built for"):
+        zk.attention(q, q, q, zk.key_lists(torch.tensor([0, 1]).expand(1, 1, 16, 2), 12))
+
+
+def test_key_lists_sparse_path_equals_masked_sdpa_at_model_shape():
+    """The CSR path (not the mask fallback) at a Sparsifiner-like shape: 65 tokens, cls row dense,
+    ceil(0.25 N) keys per row; forward, lse and all three gradients against masked SDPA in fp32."""
+    from zoo.kernels import rowsparse
+    torch.manual_seed(0)
+    B, H, N, D = 2, 3, 65, 16
+    q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
+    idx = torch.rand(B, H, N, N).topk(17, -1).indices
+    lay = zk.key_lists(idx, N, dense_rows=1, validate=False)
+    assert rowsparse.supports(lay, q, None, None)
+    mask = lay.to_dense_mask()
+    assert mask[:, :, 0].all() and (mask[:, :, 1:].sum(-1) == 17).all()
+    o1, l1 = zk.attention(q, k, v, lay, return_lse=True)
+    o2 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    l2 = torch.logsumexp((q @ k.transpose(-1, -2) * D ** -0.5).masked_fill(~mask, float("-inf")), -1)
+    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=1e-5)
+    go, gl = torch.randn_like(o1), torch.randn_like(l1)
+    g1 = torch.autograd.grad((o1 * go).sum() + (l1 * gl).sum(), (q, k, v))
+    g2 = torch.autograd.grad((o2 * go).sum() + (l2 * gl).sum(), (q, k, v))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # the layout keeps its CSR pattern for reuse (forward and backward build it once)
+    assert len(lay._cache) == 1
 
 
 def test_routed_kv_valid_broadcast_over_batch():

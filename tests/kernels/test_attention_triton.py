@@ -28,6 +28,13 @@ def _r(*s, dtype=torch.float32):
     return torch.randn(*s, dtype=dtype)
 
 
+def _key_lists(g):
+    idx = torch.rand(B, H, 40, 36, generator=g).topk(7, -1).indices
+    idx[:, :, 4, :3] = -1
+    idx[0, 1, 9] = -1          # a row with no key
+    return idx
+
+
 def _cases():
     g = torch.Generator().manual_seed(0)
     kvv = torch.rand(B, 64, generator=g) > 0.3
@@ -51,6 +58,7 @@ def _cases():
         "causal_prefix_kvcache_indexed": (20, 40, lambda: zk.causal(20, 40, prefix=30, kv_valid=kvv[:, :40]),
                                           lambda dt: zk.IndexedBias(_r(H, 3, dtype=dt), torch.randint(0, 3, (1, 20, 40))),
                                           None),
+        "key_lists_dense_row_padded": (40, 36, lambda: zk.key_lists(_key_lists(g), 36, dense_rows=1), None, None),
         "dense_mask_perhead": (40, 36, lambda: zk.from_dense_mask(torch.rand(B, H, 40, 36, generator=g) > 0.7), None, None),
         "dense_relpos_grid": (42, 42, lambda: None,
                               lambda dt: zk.RelPosBias(_r(B, H, 42, 11, dtype=dt), _r(B, H, 42, 13, dtype=dt), (6, 7), (6, 7)),

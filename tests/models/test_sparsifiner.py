@@ -47,7 +47,7 @@ def test_mask_counts_and_dense_cls_row(img, keep):
     model = timm.create_model("sparsifiner_deit_tiny_patch16_224", depth=1, num_classes=0, keep_rate=keep).eval()
     with torch.no_grad():
         layer = model.forward_aux(torch.randn(2, 3, img, img))["layers"][0]
-    mask = layer["mask"]
+    mask = layer["connectivity"].to_dense_mask()
     N = 1 + (img // 16) ** 2
     assert mask.shape == (2, 3, N, N) and mask.dtype == torch.bool and not mask.requires_grad
     assert mask[:, :, 0].all()
@@ -62,9 +62,10 @@ def test_kernel_path_equals_masked_dense_forward_backward():
     torch.manual_seed(0)
     B, H, N, D = 2, 3, 50, 16
     q, k, v = [torch.randn(B, H, N, D, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    mask = topk_connectivity(torch.randn(B, H, N - 1, N, dtype=torch.float64), 0.25)
+    conn = topk_connectivity(torch.randn(B, H, N - 1, N, dtype=torch.float64), 0.25)
+    mask = conn.to_dense_mask()
     scale = D ** -0.5
-    out = sparse_attention(q, k, v, mask, scale)
+    out = sparse_attention(q, k, v, conn, scale)
     want = _masked_dense(q, k, v, mask, scale)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(out)
@@ -82,7 +83,7 @@ def test_attention_module_matches_masked_dense_and_timm_with_full_mask():
     with torch.no_grad():
         out, aux = attn.forward_aux(x)
         q, k, v = attn._qkv(x)
-        want = attn.proj(_masked_dense(q, k, v, aux["mask"], attn.scale).transpose(1, 2).reshape(2, 65, 192))
+        want = attn.proj(_masked_dense(q, k, v, aux["connectivity"].to_dense_mask(), attn.scale).transpose(1, 2).reshape(2, 65, 192))
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(attn(x), out)
 

@@ -1,5 +1,5 @@
 """Sparsifiner's connectivity predictor: a cheap low-rank guess of each query's attention row,
-turned into an instance-dependent top-k key mask for the real attention.
+turned into instance-dependent top-k key lists for the real attention.
 
 Wei et al., "Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision
 Transformers", CVPR 2023 (arXiv 2303.13755); upstream lim142857/Sparsifiner.
@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models._features_fx import register_notrace_function, register_notrace_module
+
+from zoo.kernels import KeyListLayout, key_lists
 
 __all__ = ["ConnectivityPredictor", "topk_connectivity", "resample_token_proj", "keep_count"]
 
@@ -62,21 +64,21 @@ def resample_token_proj(w: torch.Tensor, num_tokens: int, num_prefix_tokens: int
 
 @register_notrace_function
 def topk_connectivity(approx_attn: torch.Tensor, keep_rate: float, num_prefix_tokens: int = 1,
-                      none_if_dense: bool = False) -> Optional[torch.Tensor]:
-    """approx_attn (B, H, N - P, N) -> bool mask (B, H, N, N), True = attend, detached.
+                      none_if_dense: bool = False) -> Optional[KeyListLayout]:
+    """approx_attn (B, H, N - P, N) -> `zoo.kernels.key_lists` layout over N tokens, detached.
 
     Each non-prefix query keeps its ceil(keep_rate * N) highest-scoring keys; prefix (cls) query
-    rows stay dense because the classifier reads them. With `none_if_dense`, a mask that keeps
-    every key is returned as None (dense attention).
+    rows stay dense because the classifier reads them. Key lists rather than a mask, so the
+    attention computes only the kept pairs (`.to_dense_mask()` gives the mask). With
+    `none_if_dense`, a selection that keeps every key is returned as None (dense attention).
     """
     B, H, M, N = approx_attn.shape
     k = keep_count(keep_rate, N)
     if none_if_dense and k >= N:
         return None
     idx = approx_attn.detach().topk(k, dim=-1, sorted=False).indices
-    rows = torch.zeros(B, H, M, N, dtype=torch.bool, device=approx_attn.device).scatter_(-1, idx, True)
-    dense = torch.ones(B, H, N - M, N, dtype=torch.bool, device=approx_attn.device)
-    return torch.cat([dense, rows], dim=2)
+    idx = torch.cat([idx.new_zeros(B, H, N - M, k), idx], dim=2)     # prefix rows: dense, entries unused
+    return key_lists(idx, N, dense_rows=N - M, validate=False)
 
 
 @register_notrace_module     # data-dependent top-k and size-dependent resampling: a leaf for torch.fx

@@ -7,7 +7,8 @@ lim142857/Sparsifiner.
 A DeiT ViT whose every attention layer carries a *connectivity predictor*
 (`zoo.layers.connectivity`): from the layer's own q, k it builds a low-rank approximation of the
 attention rows, keeps the top ceil(keep_rate * N) keys per query (cls row dense) and runs the real
-attention on that mask only, through `zoo.kernels.attention` (`from_dense_mask` layout).
+attention on those keys only, through `zoo.kernels.attention` (`key_lists` layout: on CPU the logits
+are computed only at kept pairs; the Triton kernel takes them as a block-sparse element mask).
 
 The network is timm's `VisionTransformer` with the attention module swapped, so the parameter
 names are timm's and `deit_*_patch16_224` weights load as they are; the predictors add
@@ -37,7 +38,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_fn
 
 from zoo import hub
-from zoo.kernels import attention, from_dense_mask
+from zoo.kernels import Layout, attention
 from zoo.layers.connectivity import ConnectivityPredictor, keep_count, resample_token_proj, topk_connectivity
 
 __all__ = ["Sparsifiner", "SparsifinerAttention", "checkpoint_filter_fn", "ATTN_MODES"]
@@ -46,10 +47,10 @@ ATTN_MODES = ("sparse", "recon", "dense")
 
 
 @register_notrace_function
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, connectivity: Optional[Layout],
                      scale: float) -> torch.Tensor:
-    """Attention restricted to `mask` (B|1, H|1, N, N) bool; None = dense."""
-    return attention(q, k, v, None if mask is None else from_dense_mask(mask), scale=scale)
+    """Attention restricted to the connectivity layout (`topk_connectivity`); None = dense."""
+    return attention(q, k, v, connectivity, scale=scale)
 
 
 @register_notrace_function
@@ -93,8 +94,8 @@ class SparsifinerAttention(Attention):
         o = o.transpose(1, 2).reshape(B, N, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(o)))
 
-    def predict_mask(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """-> (approx attention (B, H, N-P, N), bool mask (B, H, N, N) or None when it keeps every key)."""
+    def predict_connectivity(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, Optional[Layout]]:
+        """-> (approx attention (B, H, N-P, N), key-lists layout, or None when it keeps every key)."""
         approx = self.mask_predictor(q, k)
         return approx, topk_connectivity(approx, self.keep_rate, self.num_prefix_tokens, none_if_dense=True)
 
@@ -103,9 +104,9 @@ class SparsifinerAttention(Attention):
         q, k, v = self._qkv(x)
         aux: Dict[str, torch.Tensor] = {}
         if self.attn_mode == "sparse":
-            approx, mask = self.predict_mask(q, k)
-            o = sparse_attention(q, k, v, mask, self.scale)
-            aux.update(approx_attn=approx, mask=mask)
+            approx, conn = self.predict_connectivity(q, k)
+            o = sparse_attention(q, k, v, conn, self.scale)
+            aux.update(approx_attn=approx, connectivity=conn)
         else:
             o = sparse_attention(q, k, v, None, self.scale)
             if self.attn_mode == "recon":
@@ -119,10 +120,10 @@ class SparsifinerAttention(Attention):
         if isinstance(attn_mask, torch.Tensor) or (isinstance(is_causal, bool) and is_causal):   # fx: proxies
             raise ValueError("SparsifinerAttention builds its own mask; attn_mask / is_causal are not accepted")
         q, k, v = self._qkv(x)
-        mask = None
+        conn = None
         if self.attn_mode == "sparse":
-            mask = self.predict_mask(q, k)[1]
-        return self._out(sparse_attention(q, k, v, mask, self.scale))
+            conn = self.predict_connectivity(q, k)[1]
+        return self._out(sparse_attention(q, k, v, conn, self.scale))
 
 
 class Sparsifiner(VisionTransformer):
@@ -181,7 +182,7 @@ class Sparsifiner(VisionTransformer):
         self.attn_mode = mode
 
     def forward_aux(self, x: torch.Tensor) -> Dict[str, Any]:
-        """logits, final tokens and per-layer predictor outputs (approx_attn, mask or attn)."""
+        """logits, final tokens and per-layer predictor outputs (approx_attn, connectivity or attn)."""
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
