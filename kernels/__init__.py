@@ -3,7 +3,7 @@
 Importing this package needs only torch; Triton is imported lazily (CUDA / interpreter tests), and
 mmengine never.
 """
-from .bias import GaussianMixture, IndexedBias, RelPosBias
+from .bias import GaussianMixture, IndexedBias, RelPosBias, TalkingHeads
 from .layout import (CausalLayout, KeyListLayout, Layout, MaskLayout, RoutedLayout, SegmentLayout, WindowLayout,
                      causal, from_dense_mask, key_lists, routed_topk, segments, varlen, window_2d)
 from .op import attention
@@ -17,7 +17,7 @@ if _torch.cuda.is_available():  # register the Triton ops up front so compiled g
 __all__ = [
     "attention",
     "window_2d", "routed_topk", "segments", "varlen", "causal", "from_dense_mask", "key_lists",
-    "RelPosBias", "IndexedBias", "GaussianMixture",
+    "RelPosBias", "IndexedBias", "GaussianMixture", "TalkingHeads",
     "ms_deform_attn", "MultiScaleDeformableAttention",
     "Layout", "WindowLayout", "RoutedLayout", "SegmentLayout", "CausalLayout", "MaskLayout", "KeyListLayout",
 ]

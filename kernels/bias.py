@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["IndexedBias", "RelPosBias", "GaussianMixture"]
+__all__ = ["IndexedBias", "RelPosBias", "GaussianMixture", "TalkingHeads"]
 
 
 class IndexedBias:
@@ -113,3 +113,31 @@ class GaussianMixture:
 
     def tensors(self):
         return [self.alpha, self.sigma]
+
+
+class TalkingHeads:
+    """Talking-heads mixing across heads (Shazeer et al. 2020; CaiT): see kernels/API.md.
+
+    logits'_g = Σ_h pre[h, g]·logits_h before the mask and softmax; with `post`, the probabilities
+    are mixed again, A'_g = Σ_h post[h, g]·A_h, before A'_g @ v_g. Every head's full logits are
+    needed at once, so this runs on the reference backend (dense rows, chunked over queries).
+    """
+
+    def __init__(self, pre: torch.Tensor, post: Optional[torch.Tensor] = None):
+        for n, t in (("pre", pre), ("post", post)):
+            if t is None and n == "post":
+                continue
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2 \
+                    or t.shape[0] != t.shape[1]:
+                raise ValueError(f"TalkingHeads: {n} must be a square float tensor (H, H), got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if post is not None and post.shape != pre.shape:
+            raise ValueError(f"TalkingHeads: pre {tuple(pre.shape)} and post {tuple(post.shape)} differ")
+        self.pre, self.post = pre, post
+
+    def check(self, B, H, Lq, Lk):
+        if self.pre.shape[0] != H:
+            raise ValueError(f"TalkingHeads: mixing matrices are {tuple(self.pre.shape)} but q has {H} heads")
+
+    def tensors(self):
+        return [self.pre] + ([self.post] if self.post is not None else [])

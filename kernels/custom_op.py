@@ -13,13 +13,13 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .bias import GaussianMixture, IndexedBias, RelPosBias
+from .bias import GaussianMixture, IndexedBias, RelPosBias, TalkingHeads
 from .layout import CausalLayout, KeyListLayout, MaskLayout, RoutedLayout, SegmentLayout, WindowLayout
 from .reference import reference_attention
 
 __all__ = ["flatten", "unflatten", "reference_dispatch", "force_custom_op", "META_LEN"]
 
-META_LEN = 20
+META_LEN = 22
 _LKIND = {None: 0, WindowLayout: 1, RoutedLayout: 2, SegmentLayout: 3, CausalLayout: 4, MaskLayout: 5,
           KeyListLayout: 6}
 _FORCE = [False]
@@ -36,7 +36,7 @@ def force_custom_op(on: bool = True):
         _FORCE[0] = old
 
 
-def flatten(layout, bias, score_mod):
+def flatten(layout, bias, score_mod, head_mix=None):
     """-> (layout tensors, float bias/score tensors, int bias tensors, meta ints)."""
     meta = [0] * META_LEN
     lt: List[torch.Tensor] = []
@@ -80,6 +80,9 @@ def flatten(layout, bias, score_mod):
     if score_mod is not None:
         meta[14:20] = [1, int(score_mod.mode == "add"), score_mod.num_prefix_tokens, *score_mod.grid, 0]
         fl += [score_mod.alpha, score_mod.sigma]
+    if head_mix is not None:
+        meta[20:22] = [1, int(head_mix.post is not None)]
+        fl += head_mix.tensors()
     return lt, fl, it, meta
 
 
@@ -126,7 +129,11 @@ def unflatten(lt, fl, it, meta):
     if meta[14]:
         score_mod = _new(GaussianMixture, alpha=fl[i], sigma=fl[i + 1], grid=tuple(meta[17:19]),
                          mode="add" if meta[15] else "mul", num_prefix_tokens=meta[16])
-    return layout, bias, score_mod
+        i += 2
+    head_mix = None
+    if meta[20]:
+        head_mix = _new(TalkingHeads, pre=fl[i], post=fl[i + 1] if meta[21] else None)
+    return layout, bias, score_mod, head_mix
 
 
 def _routed_unchecked(topk_index, S, kv_valid):
@@ -150,9 +157,9 @@ def _lse_dtype(q):
 def _attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lt: List[torch.Tensor],
                    fl: List[torch.Tensor], it: List[torch.Tensor], meta: List[int], scale: float
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    layout, bias, sm = unflatten(lt, fl, it, meta)
+    layout, bias, sm, hm = unflatten(lt, fl, it, meta)
     with torch.no_grad():
-        out, lse = reference_attention(q, k, v, layout, scale, bias, sm, True)
+        out, lse = reference_attention(q, k, v, layout, scale, bias, sm, True, hm)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 
@@ -180,8 +187,8 @@ def _attention_ref_bwd(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, 
                        scale: float) -> List[torch.Tensor]:
     with _autograd_on(), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v, *fl)]
-        layout, bias, sm = unflatten(lt, leaves[3:], it, meta)
-        out, lse = reference_attention(leaves[0], leaves[1], leaves[2], layout, scale, bias, sm, True)
+        layout, bias, sm, hm = unflatten(lt, leaves[3:], it, meta)
+        out, lse = reference_attention(leaves[0], leaves[1], leaves[2], layout, scale, bias, sm, True, hm)
         fin = torch.isfinite(lse)
         lse = torch.where(fin, lse, torch.zeros_like(lse))
         grads = torch.autograd.grad([out, lse], leaves, [dout, torch.where(fin, dlse, torch.zeros_like(dlse))
@@ -213,10 +220,10 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd("zoo::attention_ref", _backward, setup_context=_setup)
 
 
-def reference_dispatch(q, k, v, layout, scale, bias, score_mod, return_lse):
+def reference_dispatch(q, k, v, layout, scale, bias, score_mod, return_lse, head_mix=None):
     compiling = torch.compiler.is_compiling()
     if not (compiling or _FORCE[0]):
-        return reference_attention(q, k, v, layout, scale, bias, score_mod, return_lse)
-    lt, fl, it, meta = flatten(layout, bias, score_mod)
+        return reference_attention(q, k, v, layout, scale, bias, score_mod, return_lse, head_mix)
+    lt, fl, it, meta = flatten(layout, bias, score_mod, head_mix)
     out, lse = _attention_ref(q, k, v, lt, fl, it, meta, float(scale))
     return out, lse

@@ -5,8 +5,8 @@ from typing import Optional
 
 import torch
 
-from .bias import GaussianMixture, IndexedBias, RelPosBias
-from .layout import KeyListLayout, Layout, WindowLayout
+from .bias import GaussianMixture, IndexedBias, RelPosBias, TalkingHeads
+from .layout import CausalLayout, KeyListLayout, Layout, MaskLayout, WindowLayout
 
 __all__ = ["attention", "BACKENDS"]
 
@@ -14,7 +14,7 @@ BACKENDS = (None, "reference", "triton", "flex")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _validate(q, k, v, layout, scale, bias, score_mod, backend):
+def _validate(q, k, v, layout, scale, bias, score_mod, backend, head_mix=None):
     for n, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {n} must be a torch.Tensor, got {type(t).__name__}")
@@ -80,6 +80,16 @@ def _validate(q, k, v, layout, scale, bias, score_mod, backend):
         if not isinstance(score_mod, GaussianMixture):
             raise TypeError(f"attention: score_mod must be a GaussianMixture, got {type(score_mod).__name__}")
         score_mod.check(B, H, Lq, Lk)
+    if head_mix is not None:
+        if not isinstance(head_mix, TalkingHeads):
+            raise TypeError(f"attention: head_mix must be a TalkingHeads, got {type(head_mix).__name__}")
+        head_mix.check(B, H, Lq, Lk)
+        if layout is not None and not isinstance(layout, (CausalLayout, MaskLayout, KeyListLayout)):
+            raise ValueError(f"attention: head_mix works with dense, causal, from_dense_mask and key_lists "
+                             f"layouts, got {type(layout).__name__}")
+        if backend in ("triton", "flex"):
+            raise ValueError(f"attention: head_mix runs on the reference backend only (it needs every head's "
+                             f"logits at once), got backend={backend!r}")
 
 
 def _choose_backend(q, backend):
@@ -95,19 +105,19 @@ def _choose_backend(q, backend):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Optional[Layout] = None, *,
               scale: Optional[float] = None, bias=None, score_mod: Optional[GaussianMixture] = None,
-              return_lse: bool = False, backend: Optional[str] = None):
+              return_lse: bool = False, backend: Optional[str] = None, head_mix: Optional[TalkingHeads] = None):
     """Block-sparse softmax attention; see kernels/API.md for the full contract.
 
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> (B, H, Lq, Dv) [, lse (B, H, Lq) fp32].
     """
-    _validate(q, k, v, layout, scale, bias, score_mod, backend)
+    _validate(q, k, v, layout, scale, bias, score_mod, backend, head_mix)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    be = _choose_backend(q, backend)
+    be = "reference" if head_mix is not None else _choose_backend(q, backend)
     if be != "reference" and isinstance(layout, KeyListLayout):
         layout = layout.as_mask()     # the block-sparse kernels take key lists as their element mask
     if be == "reference":
         from .custom_op import reference_dispatch
-        out, lse = reference_dispatch(q, k, v, layout, scale, bias, score_mod, return_lse)
+        out, lse = reference_dispatch(q, k, v, layout, scale, bias, score_mod, return_lse, head_mix)
     elif be == "triton":
         from .triton_attention import triton_attention
         out, lse = triton_attention(q, k, v, layout, scale, bias, score_mod, return_lse)

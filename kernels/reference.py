@@ -471,8 +471,46 @@ def _rebuild(bias, score_mod, ts):
     return nb, ns
 
 
+def _talking_heads(q, k, v, layout, scale, bias, score_mod, head_mix, return_lse):
+    """Dense rows with logits mixed across heads before the softmax (and probabilities after it),
+    chunked over queries so at most CHUNK_ELEMENTS logits exist at a time."""
+    B, H, Lq, _ = q.shape
+    Lk, dev = k.shape[2], q.device
+    mask = layout.to_dense_mask() if layout is not None else None
+    kidx = torch.arange(Lk, device=dev)
+    if isinstance(bias, torch.Tensor):
+        bias = bias.to(q.dtype)
+    pre = head_mix.pre.to(q.dtype)
+    post = head_mix.post.to(q.dtype) if head_mix.post is not None else None
+    add, mul = _dense_bias(bias, score_mod, None, B, H, Lq, Lk, kidx, q.dtype, dev)   # (.., Lq, Lk)
+    rows = max(1, CHUNK_ELEMENTS // max(1, B * H * Lk))
+    outs, lses = [], []
+    for r0 in range(0, Lq, rows):
+        r1 = min(Lq, r0 + rows)
+        s = torch.matmul(q[:, :, r0:r1], k.transpose(-1, -2)) * scale
+        if mul is not None:
+            s = s * mul[..., r0:r1, :]
+        if add is not None:
+            s = s + add[..., r0:r1, :]
+        s = torch.einsum("bhij,hg->bgij", s, pre)
+        if mask is not None:
+            s = s.masked_fill(~mask[:, :, r0:r1], _NEG_INF)
+        m = s.detach().amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        lsum = p.sum(-1, keepdim=True)
+        p = p / torch.where(lsum > 0, lsum, torch.ones_like(lsum))
+        if post is not None:
+            p = torch.einsum("bhij,hg->bgij", p, post)
+        outs.append(torch.matmul(p, v))
+        lses.append((m + torch.log(lsum)).squeeze(-1))
+    out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    lse = (torch.cat(lses, 2) if len(lses) > 1 else lses[0]) if return_lse else None
+    return out, lse
+
+
 def reference_attention(q, k, v, layout: Optional[Layout], scale: float, bias=None, score_mod=None,
-                        return_lse: bool = False):
+                        return_lse: bool = False, head_mix=None):
     """Memory-aware PyTorch attention for every layout. Inputs are validated by the caller.
     Returns (out, lse or None); differentiable by autograd."""
     in_dtype = q.dtype
@@ -480,6 +518,9 @@ def reference_attention(q, k, v, layout: Optional[Layout], scale: float, bias=No
     Lk = k.shape[2]
     if in_dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu":
         q, k, v = q.float(), k.float(), v.float()
+    if head_mix is not None:
+        out, lse = _talking_heads(q, k, v, layout, scale, bias, score_mod, head_mix, return_lse)
+        return out.to(in_dtype), lse
     if layout is None and bias is None and score_mod is None and not return_lse:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return out.to(in_dtype), None
@@ -617,7 +658,7 @@ def _dense_bias(bias, score_mod, layout, B, H, Lq, Lk, kidx, dtype, dev):
     return add, mul
 
 
-def dense_oracle(q, k, v, layout=None, *, scale=None, bias=None, score_mod=None):
+def dense_oracle(q, k, v, layout=None, *, scale=None, bias=None, score_mod=None, head_mix=None):
     """Naive full-matrix attention from `layout.to_dense_mask()` (tests only). Virtual border keys of
     a zero-border window become explicit zero keys on the padded map. Returns (out, lse)."""
     B, H, Lq, D = q.shape
@@ -647,9 +688,13 @@ def dense_oracle(q, k, v, layout=None, *, scale=None, bias=None, score_mod=None)
     s = s * scale if mul is None else s * scale * mul
     if add is not None:
         s = s + add
+    if head_mix is not None:
+        s = torch.einsum("bhij,hg->bgij", s, head_mix.pre)
     if mask is not None:
         s = s.masked_fill(~mask, _NEG_INF)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
     p = torch.where(torch.isfinite(lse)[..., None], p, torch.zeros_like(p))
+    if head_mix is not None and head_mix.post is not None:
+        p = torch.einsum("bhij,hg->bgij", p, head_mix.post)
     return p @ v, lse

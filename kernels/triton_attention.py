@@ -754,7 +754,7 @@ if HAS_TRITON:
                              fl: List[torch.Tensor], it: List[torch.Tensor], meta: List[int], scale: float
                              ) -> Tuple[torch.Tensor, torch.Tensor]:
         from .custom_op import unflatten
-        layout, bias, sm = unflatten(lt, fl, it, meta)
+        layout, bias, sm, _ = unflatten(lt, fl, it, meta)
         plan = _Plan(q, k, v, layout, scale, bias, sm)
         return _fwd(plan, q, k, v)
 
@@ -769,7 +769,7 @@ if HAS_TRITON:
                                  fl: List[torch.Tensor], it: List[torch.Tensor], meta: List[int], scale: float
                                  ) -> List[torch.Tensor]:
         from .custom_op import unflatten
-        layout, bias, sm = unflatten(lt, fl, it, meta)
+        layout, bias, sm, _ = unflatten(lt, fl, it, meta)
         plan = _Plan(q, k, v, layout, scale, bias, sm)
         dq, dk, dv, fgrads = _bwd(plan, dout, dlse, q, k, v, out, lse)
         return [dq, dk, dv, *fgrads]

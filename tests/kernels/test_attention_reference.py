@@ -342,3 +342,54 @@ def test_routed_kv_valid_broadcast_over_batch():
     want = torch.autograd.grad(ref_out, (q, k, v), g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("with_post,layout", [(True, None), (False, "causal"), (True, "key_lists")])
+def test_talking_heads_matches_oracle_and_gradcheck(with_post, layout):
+    """head_mix (CaiT talking heads) with the GMM score mod and a bias: forward, lse and every
+    gradient (q, k, v, pre, post, alpha, sigma, bias) against the dense oracle; fp64 gradcheck."""
+    torch.manual_seed(3)
+    B, H, N, D = 2, 3, 10, 4
+    lay = {None: None, "causal": zk.causal(N),
+           "key_lists": zk.key_lists(_key_lists(B, 1, N, N, 4, seed=1), N, dense_rows=1)}[layout]
+    q, k, v = _rand(B, H, N, D), _rand(B, H, N, D), _rand(B, H, N, 5)
+    pre, post = _rand(H, H), (_rand(H, H) if with_post else None)
+    alpha, sigma = _rand(H, 2), torch.rand(H, 2, dtype=DT) + 0.5
+    bias = _rand(1, H, N, N)
+    leaves = [t for t in (q, k, v, pre, post, alpha, sigma, bias) if t is not None]
+    for t in leaves:
+        t.requires_grad_(True)
+
+    def run(fn, *ts):
+        it = iter(ts)
+        q_, k_, v_, pre_ = next(it), next(it), next(it), next(it)
+        post_ = next(it) if with_post else None
+        a_, s_, b_ = next(it), next(it), next(it)
+        sm = zk.GaussianMixture(a_, s_, (3, 3), num_prefix_tokens=1)
+        return fn(q_, k_, v_, lay, sm, b_, zk.TalkingHeads(pre_, post_))
+
+    op = lambda q_, k_, v_, lay_, sm, b_, th: zk.attention(q_, k_, v_, lay_, bias=b_, score_mod=sm, head_mix=th,
+                                                           return_lse=True, scale=0.7)
+    oracle = lambda q_, k_, v_, lay_, sm, b_, th: dense_oracle(q_, k_, v_, lay_, bias=b_, score_mod=sm, head_mix=th,
+                                                               scale=0.7)
+    o1, l1 = run(op, *leaves)
+    o2, l2 = run(oracle, *leaves)
+    fin = torch.isfinite(l2)
+    torch.testing.assert_close(o1, o2, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(l1[fin], l2[fin], atol=1e-10, rtol=1e-9)
+    go = torch.randn_like(o1)
+    for a, b in zip(torch.autograd.grad((o1 * go).sum(), leaves), torch.autograd.grad((o2 * go).sum(), leaves)):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8)
+    assert torch.autograd.gradcheck(lambda *ts: run(op, *ts)[0], leaves, eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_talking_heads_bad_input():
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match="square"):
+        zk.TalkingHeads(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="q has 2 heads"):
+        zk.attention(q, q, q, head_mix=zk.TalkingHeads(torch.randn(3, 3)))
+    with pytest.raises(ValueError, match="reference backend only"):
+        zk.attention(q, q, q, head_mix=zk.TalkingHeads(torch.randn(2, 2)), backend="triton")
+    with pytest.raises(ValueError, match="dense, causal"):
+        zk.attention(q, q, q, zk.window_2d(4, 4, 2, 1), head_mix=zk.TalkingHeads(torch.randn(2, 2)))

@@ -46,8 +46,8 @@ def gmm_kernel_attention(q, k, v, alpha: Optional[torch.Tensor], sigma: Optional
 @torch.fx.wrap
 @register_notrace_function
 def gmm_dense_mask(alpha: torch.Tensor, sigma_eff: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """The (H, N, N) mixture for one grid, row-major. Only for hosts whose attention cannot take a
-    score mod (CaiT's talking heads mix logits across heads before the softmax)."""
+    """The explicit (H, N, N) mixture for one grid, row-major: for inspection and tests (models pass
+    the mixture to the op as a score mod and never build this tensor)."""
     gh, gw = int(grid[0]), int(grid[1])
     ys, xs = torch.meshgrid(torch.arange(gh, device=alpha.device), torch.arange(gw, device=alpha.device),
                             indexing="ij")

@@ -21,10 +21,9 @@ T2T        gmm_t2t_vit_32 / ...           gmm_t2t_vit_64              T2T token 
                                                                       main encoder
 =========  =============================  ==========================  ==========================
 
-Every softmax runs in ``zoo.kernels.attention``. The mixture is a ``GaussianMixture`` score mod
-(no (N, N) tensor, grid from the actual input) everywhere except CaiT: talking heads mix the
-logits across heads before the softmax, which no score mod can express, so CaiT builds its mixed
-logits densely and hands them to the op as an additive bias (q = k = 0).
+Every attention runs in ``zoo.kernels.attention``. The mixture is a ``GaussianMixture`` score mod
+(no (N, N) tensor, grid from the actual input); CaiT's talking heads are the op's ``head_mix``
+(``TalkingHeads``: logits mixed across heads before the softmax, probabilities after it).
 
 No weights were released upstream; ``checkpoint_filter_fn`` maps state dicts of the reference
 code (CatworldLee/Gaussian-Mixture-Mask-Attention) onto these modules and drops its per-layer
@@ -44,6 +43,7 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
+import zoo.kernels as _kernels
 from zoo import hub
 from zoo.layers.gmm_attention import GaussianMixtureMask, GmmAttention, gmm_kernel_attention
 
@@ -450,26 +450,18 @@ class GmmPiT(nn.Module):
 @torch.fx.wrap
 @register_notrace_function
 def talking_heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                            mix_pre: torch.Tensor, mix_post: torch.Tensor,
-                            gmm: Optional[torch.Tensor] = None, gmm_mode: str = "mul") -> torch.Tensor:
-    """Talking-heads attention with the softmax in zoo.kernels.attention.
+                            mix_pre: torch.Tensor, mix_post: torch.Tensor, alpha: Optional[torch.Tensor] = None,
+                            sigma: Optional[torch.Tensor] = None, grid=(0, 0), gmm_mode: str = "mul") -> torch.Tensor:
+    """Talking-heads attention, all in zoo.kernels.attention (`head_mix`, and the mixture as a score mod):
 
     logits_g = sum_h mix_pre[h, g] · (scale q_h k_h^T ⊙ gmm_h)   (``gmm_mode='add'``: + gmm_h);
-    A_g = softmax(logits_g); out_g = sum_h mix_post[h, g] · A_h v_g. The mixed logits go to the op
-    as a dense bias with q = k = 0 (no score mod can mix heads); the post-softmax mix is applied to
-    A_h·[v_1 … v_H], which the op computes with the values of all heads concatenated (Dv = H·D),
-    so no attention matrix is formed outside the op.
+    A_g = softmax(logits_g); out_g = (sum_h mix_post[h, g] · A_h) v_g.
     """
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    logits = torch.matmul(q, k.transpose(-2, -1)) * scale
-    if gmm is not None:
-        logits = logits * gmm if gmm_mode == "mul" else logits + gmm
-    logits = torch.einsum("bhij,hg->bgij", logits, mix_pre)
-    v_all = v.transpose(1, 2).reshape(B, 1, Lk, H * D).expand(B, H, Lk, H * D)
-    zq, zk = q.new_zeros(B, H, Lq, 1), q.new_zeros(B, H, Lk, 1)
-    out = gmm_kernel_attention(zq, zk, v_all, None, None, (0, 0), bias=logits)     # (B, H, Lq, H·D)
-    return torch.einsum("bhigd,hg->bgid", out.unflatten(-1, (H, D)), mix_post)
+    sm = None
+    if alpha is not None:
+        sm = _kernels.GaussianMixture(alpha, sigma, (int(grid[0]), int(grid[1])), mode=gmm_mode)
+    return _kernels.attention(q, k, v, scale=scale, score_mod=sm,
+                              head_mix=_kernels.TalkingHeads(mix_pre, mix_post))
 
 
 class TalkingHeadsAttention(nn.Module):
@@ -495,8 +487,11 @@ class TalkingHeadsAttention(nn.Module):
         ctx = x if context is None else context
         q = self.q(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
         k, v = self.kv(ctx).unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-        gmm, mode = (self.gmm.dense(grid), self.gmm.mode) if self.gmm is not None else (None, "mul")
-        out = talking_heads_attention(q, k, v, self.scale, self.mix_pre, self.mix_post, gmm, mode)
+        alpha = sigma = None
+        mode = "mul"
+        if self.gmm is not None:
+            (alpha, sigma), mode = self.gmm.effective(), self.gmm.mode
+        out = talking_heads_attention(q, k, v, self.scale, self.mix_pre, self.mix_post, alpha, sigma, grid, mode)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, Lq, -1)))
 
 
