@@ -9,7 +9,7 @@ Per workload and implementation: forward and forward+backward time, TFLOP/s coun
 (CUDA only). Writes JSON, a markdown table into model_cards/kernels.md (between BENCH markers) and a
 PNG plot. Formulations: timm HaloAttn (pad + unfold + matmul) for halo windows, BiFormer KVGather
 (torch.gather of the top-k regions + matmul) for routed attention, padded per-sequence SDPA for
-segments.
+segments, dense attention with the mask applied (what Sparsifiner's upstream does) for key lists.
 """
 import argparse
 import datetime
@@ -133,6 +133,15 @@ def workloads(device, quick):
     lay = zk.varlen(cu)
     W.append(dict(name=f"varlen {n}x{ln}", B=1, H=H, Lq=n * ln, Lk=n * ln, D=d, kept=n * ln * ln, layout=lay,
                   kwargs={}, formulation=("padded SDPA", lambda q, k, v, cu=cu: segments_padded_sdpa(q, k, v, cu))))
+    # Sparsifiner: 197 tokens, each non-cls query keeps its top 25 % keys (key lists), cls row dense
+    B, H, N, d = (2, 6, 197, 64) if (cpu and quick) else ((8, 6, 197, 64) if cpu else (64, 6, 197, 64))
+    K = -(-N // 4)
+    idx = torch.rand(B, H, N, N, generator=g).topk(K, -1).indices.to(device)
+    lay = zk.key_lists(idx, N, dense_rows=1)
+    mask = lay.to_dense_mask()
+    W.append(dict(name=f"key lists {N} keep 25%", B=B, H=H, Lq=N, Lk=N, D=d, kept=N + (N - 1) * K, layout=lay,
+                  kwargs={}, formulation=("upstream: dense + mask", lambda q, k, v, m=mask: F.scaled_dot_product_attention(
+                      q, k, v, attn_mask=m))))
     return W
 
 

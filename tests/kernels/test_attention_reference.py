@@ -393,3 +393,29 @@ def test_talking_heads_bad_input():
         zk.attention(q, q, q, head_mix=zk.TalkingHeads(torch.randn(2, 2)), backend="triton")
     with pytest.raises(ValueError, match="dense, causal"):
         zk.attention(q, q, q, zk.window_2d(4, 4, 2, 1), head_mix=zk.TalkingHeads(torch.randn(2, 2)))
+
+
+def test_routed_many_small_regions_take_the_dense_mask_sdpa_path(monkeypatch):
+    """Routed layouts keeping >= 25 % of the regions run as one SDPA over the dense mask (faster on
+    CPU for BiFormer's stage 3); same values and gradients as the gathered path and the oracle,
+    duplicates in the top-k lists attended once."""
+    torch.manual_seed(0)
+    B, H, nR, S, kk = 2, 3, 16, 4, 6
+    ti = torch.stack([torch.randperm(nR)[:kk] for _ in range(B * nR)]).view(B, nR, kk)
+    ti[0, 2, 1] = ti[0, 2, 0]
+    lay = zk.routed_topk(ti, S)
+    q, k, v = (_rand(B, H, nR * S, 8, requires_grad=True) for _ in range(3))
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(ref.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(kw.get("attn_mask")) or real(*a, **kw))
+    o1 = zk.attention(q, k, v, lay, scale=0.3)
+    assert calls and calls[0] is not None and calls[0].dtype == torch.bool
+    o2, _ = dense_oracle(q, k, v, lay, scale=0.3)
+    monkeypatch.setattr(ref, "DENSE_ROUTED_FRACTION", 2.0)       # force the gathered path
+    o3 = zk.attention(q, k, v, lay, scale=0.3)
+    torch.testing.assert_close(o1, o2, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(o3, o2, atol=1e-10, rtol=1e-9)
+    g = torch.randn_like(o1)
+    for a, b in zip(torch.autograd.grad((o1 * g).sum(), (q, k, v)), torch.autograd.grad((o2 * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8)
