@@ -9,6 +9,10 @@ phase='backbone' (phase 2): predictors frozen, sparse attention, the backbone le
     loss = CE + kd_weight * KL(teacher || student logits) + token_weight * MSE(final tokens).
     The teacher is a frozen dense copy: of `teacher_model_name` (+ `teacher_checkpoint`) when
     given, else of the student as it stands at the first training step (i.e. after `load_from`).
+    LV-ViT students and teachers (`cls_logits` / `aux_logits` in `forward_aux`) are distilled as
+    upstream does: CE and KL on the class-token head alone, the token MSE on the aux head's
+    per-token logits. With token pruning on, the teacher's tokens are taken at the student's kept
+    positions (`token_index`), as upstream restricts the MSE to unpruned tokens.
 """
 import copy
 from typing import Dict, List, Optional
@@ -107,9 +111,21 @@ class SparsifinerClassifier(TimmClassifier):
             t_logits = t["logits"] if t is not None else teacher(inputs)
             t_tokens = t["tokens"] if t is not None else teacher.forward_features(inputs)
         out = self.model.forward_aux(inputs)
-        logits = out["logits"].float()
+        logits, tokens, prefix = out["logits"], out["tokens"], getattr(self.model, "num_prefix_tokens", 1)
+        if t is not None and "aux_logits" in out and "aux_logits" in t:     # LV-ViT: upstream's views
+            logits, tokens, t_logits, t_tokens, prefix = out["cls_logits"], out["aux_logits"], t["cls_logits"], \
+                t["aux_logits"], 0
+        if "token_index" in out:
+            t_tokens = _gather_tokens(t_tokens, out["token_index"], prefix)
+        logits = logits.float()
         ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         kd = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits.float(), -1), reduction="batchmean",
                       log_target=True)
-        tok = F.mse_loss(out["tokens"].float(), t_tokens.float())
+        tok = F.mse_loss(tokens.float(), t_tokens.float())
         return dict(loss_cls=ce, loss_kd=self.kd_weight * kd, loss_token=self.token_weight * tok)
+
+
+def _gather_tokens(tokens: torch.Tensor, index: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Prefix tokens + the patch tokens at `index` (B, N') of an unpruned (B, P + N, C) sequence."""
+    patches = tokens[:, prefix:].gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+    return torch.cat([tokens[:, :prefix], patches], dim=1)

@@ -129,23 +129,35 @@ class ConnectivityPredictor(nn.Module):
         up = resample_token_proj(self.proj_back_n, num_tokens, p, self.grid_size)
         return down, up
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, recon: bool = False) -> torch.Tensor:
-        """q, k (B, H, N, D) -> approx attention (B, H, N - P, N) over all N keys."""
-        N = q.shape[2]
-        down, up = self.token_projections(N)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, recon: bool = False, token_pos: Optional[torch.Tensor] = None,
+                num_patches: Optional[int] = None) -> torch.Tensor:
+        """q, k (B, H, N, D) -> approx attention (B, H, N - P, N) over all N keys.
+
+        After token pruning, `token_pos` (B, N - P) gives the kept patch tokens' positions among
+        the `num_patches` of the unpruned sequence: each token keeps its own rows of the token
+        projections (upstream zeroes pruned tokens instead, which gives the same sums).
+        """
+        P = self.num_prefix_tokens
+        if token_pos is None:
+            down, up = self.token_projections(q.shape[2])          # (N, n)
+        else:
+            down, up = self.token_projections(P + num_patches)
+            prefix = torch.arange(P, device=token_pos.device).expand(token_pos.shape[0], P)
+            rows = torch.cat([prefix, token_pos + P], dim=1)        # (B, N)
+            down, up = down[rows][:, None], up[rows][:, None]       # (B, 1, N, n)
         qc = self.proj_c_q(q)                                     # (B, H, N, c)
         kc = self.proj_c_k(k)
         k_low = kc.transpose(-1, -2) @ down                       # (B, H, c, n)
-        logits = (qc[:, :, self.num_prefix_tokens:] @ k_low) * self.scale
+        logits = (qc[:, :, P:] @ k_low) * self.scale
         # A softmax over the n low-rank basis coefficients, not attention over tokens: it mixes
         # basis rows, so it stays here rather than going through zoo.kernels.attention.
         coef = logits.softmax(dim=-1)                             # (B, H, N - P, n)
         if recon:
-            return coef @ up.t()
+            return coef @ up.transpose(-1, -2)
         if 0 < self.coef_topk < coef.shape[-1]:
             val, idx = coef.topk(self.coef_topk, dim=-1, sorted=False)
             coef = torch.zeros_like(coef).scatter_(-1, idx, val)
-        basis = up.abs().t()
+        basis = up.abs().transpose(-1, -2)
         basis = basis.masked_fill(basis <= self.basis_threshold, 0.0)
         return coef @ basis
 
