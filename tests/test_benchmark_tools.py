@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -158,3 +159,85 @@ def test_make_cards_rewrites_only_marked_regions(tmp_path):
     # idempotent: a second run changes nothing
     assert make_cards.main(argv) == 0
     assert (cards / f"{fam}.md").read_text() == card and (tmp_path / "README.md").read_text() == readme
+
+
+# ------------------------------------------------------------------------------------------------
+# models that do not take an image: example_inputs, samples/s
+# ------------------------------------------------------------------------------------------------
+
+def test_benchmark_non_image_model_example_inputs(tmp_path):
+    """A registered non-image model (skeleton decoder: condition tokens + token ids) is fed through its
+    example_inputs, reported in samples/s with one sample's input shapes, FLOPs counted."""
+    name, out = "puppeteer_skeleton_small", tmp_path / "p.json"
+    argv = [name, "--batch", "2", "--warmup", "0", "--iters", "1", "--rounds", "1", "--input-kw", "num_tokens=9",
+            "--out", str(out)]
+    assert benchmark.main(argv) == 0
+    (r,) = json.loads(out.read_text())
+    assert r["model"] == name and r["family"] == "puppeteer" and r["batch"] == 2 and r["input_size"] is None
+    assert r["rate_unit"] == "samples/s" and r["input_kw"] == {"num_tokens": 9}
+    assert r["sample_inputs"] == {"cond": {"shape": [1, 9, 32], "dtype": "float32"},
+                                  "input_ids": {"shape": [1, 9], "dtype": "int64"}}
+    assert r["infer_samples_s"] > 0 and r["train_samples_s"] > 0 and r["train_mem_mb"] > 0
+    assert "infer_img_s" not in r and "train_img_s" not in r          # no image, no img/s
+    assert r["gmacs"] > 0 and r["attention_gmacs"] >= 0
+    # attention FLOPs, known answer: causal over 9 condition + 9 generated tokens, 4 heads x 16, 2 layers
+    model = timm.create_model(name)
+    f = benchmark.count_flops(model, model.example_inputs(1, num_tokens=9))
+    L = 18
+    assert f["attention"] == 2 * (16 + 16) * (L * (L + 1) // 2) * 4 * 2
+    assert f["total"] > f["attention"]
+    table = benchmark.markdown_table([r])
+    assert "infer samples/s" in table and "img/s" not in table and "cond 1×9×32, input_ids 1×9" in table
+    # a --flops-only record: parameters and GMACs, nothing timed
+    assert benchmark.main([name, "--flops-only", "--input-kw", "num_tokens=4", "--out", str(out)]) == 0
+    recs = json.loads(out.read_text())
+    assert len(recs) == 2                                  # different inputs: a separate record
+    fo = recs[1]
+    assert fo["gmacs"] > 0 and "infer_samples_s" not in fo and "timing" in fo
+
+
+def test_benchmark_non_image_bad_input(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["x", "--input-kw", "num_parts"])
+    assert "NAME=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["x", "--input-kw", "n=abc"])
+    assert "not a Python literal" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--img-size"):
+        benchmark.main(["puppeteer_skeleton_small", "--img-size", "64", "--no-flops"])
+    with pytest.raises(TypeError, match="rejected --input-kw"):
+        benchmark.main(["puppeteer_skeleton_small", "--input-kw", "bogus=1", "--no-flops"])
+
+
+def test_make_cards_samples_records(tmp_path):
+    """Non-image records render in samples/s with their inputs; --flops-only ones as untimed; the
+    README row of a non-image model shows its example inputs, not an inherited image size."""
+    fam = "puppeteer"
+    cards, results = tmp_path / "model_cards", tmp_path / "model_cards" / "results"
+    results.mkdir(parents=True)
+    (cards / f"{fam}.md").write_text("# Card\n")
+    (tmp_path / "README.md").write_text("<!-- model-table:start -->\n<!-- model-table:end -->\n")
+    common = dict(family=fam, input_size=None, batch=1, dtype="float32", device="cpu", device_name="CPU test",
+                  threads=2, torch="t", date="2026-01-01 00:00 UTC", rate_unit="samples/s")
+    timed = dict(common, model="puppeteer_skeleton_small", params_m=0.086, gmacs=0.006, attention_gmacs=0.001,
+                 sample_inputs={"cond": {"shape": [1, 9, 32], "dtype": "float32"},
+                                "input_ids": {"shape": [1, 65], "dtype": "int64"}},
+                 infer_samples_s=271.5, train_samples_s=123.2, infer_mem_mb=0.8, train_mem_mb=1.8)
+    untimed = dict(common, model="puppeteer_skeleton_opt350m", params_m=304.8, gmacs=201.0, attention_gmacs=2.0,
+                   sample_inputs={"cond": {"shape": [1, 257, 768], "dtype": "float32"}}, timing="skipped")
+    (results / f"{fam}.json").write_text(json.dumps([timed, untimed]))
+    argv = ["--cards-dir", str(cards), "--readme", str(tmp_path / "README.md"), "--families", fam, "--no-index"]
+    assert make_cards.main(argv) == 0
+    card = (cards / f"{fam}.md").read_text()
+    assert "| infer samples/s | train samples/s |" in card and "img/s" not in card
+    assert "| puppeteer_skeleton_small | 0.09 | 0.006 | 0.001 | cond 1×9×32, input_ids 1×65 | 1 |" in card
+    assert "| 271.50 | 123.20 |" in card
+    assert ("| puppeteer_skeleton_opt350m | 304.80 | 201.000 | 2.000 | cond 1×257×768 | 1 | float32 | – | – |"
+            in card)
+    assert "Not timed here" in card and "is one batch element of the model's `example_inputs`" in card
+    readme = (tmp_path / "README.md").read_text()
+    row = next(ln for ln in readme.splitlines() if ln.startswith("| puppeteer_skeleton_small |"))
+    assert "271.5 samples/s (cpu, batch 1, cond 1×9×32," in row and "img/s" not in row
+    assert "| cond 1×9×32 |" in row                         # default input from example_inputs (floats only)
+    row = next(ln for ln in readme.splitlines() if ln.startswith("| puppeteer_skeleton_opt350m |"))
+    assert row.endswith("| – |")                           # GMACs-only record: no measured speed

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark zoo models: params, GMACs, inference / train-step img/s, peak memory; JSON out.
+"""Benchmark zoo models: params, GMACs, inference / train-step img/s (samples/s), peak memory; JSON out.
 
 Examples::
 
@@ -8,6 +8,15 @@ Examples::
     python tools/benchmark.py halonet26t_zoo --reference halonet26t            # timm model, same process
     python tools/benchmark.py m --reference mypkg.models:build --reference-path /src/upstream
     python tools/benchmark.py zoo_test_toynet --import tests/_toy_models.py    # extra registrations
+    python tools/benchmark.py --family puppeteer --batch 1 --input-kw num_joints=32   # non-image models
+    python tools/benchmark.py partcrafter_dit --batch 1 --flops-only                # params / GMACs only
+
+Inputs: an image model gets a random ``(batch, *input_size)`` tensor (``input_size`` from its cfg).
+A model that does not take an image defines ``example_inputs(batch_size, device, dtype, **kw)``
+returning the keyword arguments of one ``forward`` call for ``batch_size`` samples; the tool calls
+``model(**inputs)``, reports samples/s instead of img/s (JSON keys ``infer_samples_s`` /
+``train_samples_s``, ``rate_unit``) and records the shapes of one sample's inputs
+(``sample_inputs``); ``--input-kw k=v`` is passed on to ``example_inputs``.
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2) on a CPU fp32 copy
 at batch 1. The zoo's attention is counted through the ``zoo::attention_ref`` custom op (calls are
@@ -86,7 +95,7 @@ def kept_pairs(layout, B: int, H: int, Lq: int, Lk: int) -> int:
 
 def _attn_fwd_flops(q, k, v, lt, fl, it, meta, scale, *args, out_val=None, **kwargs) -> int:
     from zoo.kernels.custom_op import unflatten
-    layout, _, _ = unflatten(lt, fl, it, meta)
+    layout = unflatten(lt, fl, it, meta)[0]  # (layout, bias, score_mod[, head_mix, ...])
     B, H, Lq, D = q.shape
     Dv = v.shape[-1]
     return 2 * (D + Dv) * kept_pairs(layout, B, H, Lq, k.shape[2])
@@ -116,8 +125,22 @@ def register_attention_flops() -> List[str]:
     return done
 
 
-def count_flops(model: torch.nn.Module, x: torch.Tensor, train: bool = False) -> Dict[str, float]:
-    """Total and attention FLOPs of one forward (and backward when ``train``) on ``x``."""
+def _call(model: torch.nn.Module, inputs):
+    """``model(inputs)`` for an image tensor, ``model(**inputs)`` for example_inputs' keyword dict."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _scalar_loss(out) -> torch.Tensor:
+    """A scalar touching every floating output (dense / dict / tuple outputs)."""
+    leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        raise TypeError(f"the model returned no floating-point tensor to back-propagate from ({type(out).__name__})")
+    return sum(t.float().mean() for t in leaves)
+
+
+def count_flops(model: torch.nn.Module, x, train: bool = False) -> Dict[str, float]:
+    """Total and attention FLOPs of one forward (and backward when ``train``) on ``x`` (an input
+    tensor, or a dict of keyword inputs)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     from zoo.kernels.custom_op import force_custom_op
@@ -125,11 +148,21 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor, train: bool = False) ->
     fc = FlopCounterMode(display=False)
     # SDPA's fused CPU kernel has no flop formula (counts 0); the math backend decomposes into
     # counted matmuls, so reference models (timm, fused_attn) are counted fairly.
-    with force_custom_op(True), sdpa_kernel([SDPBackend.MATH]), fc:
-        if train:
-            model(x).float().sum().backward()
-        else:  # grad mode on: FlopCounterMode's module tracker can fail on no_grad views of parameters
-            model(x)
+    # Inference: grad mode stays on (FlopCounterMode's module tracker can fail on no_grad views of
+    # parameters), but the parameters stop requiring grad meanwhile, so no autograd graph is kept:
+    # a big model's forward then needs no more memory than an inference step.
+    frozen = [] if train else [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with force_custom_op(True), sdpa_kernel([SDPBackend.MATH]), fc:
+            if train:
+                _scalar_loss(_call(model, x)).backward()
+            else:
+                _call(model, x)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     counts = fc.get_flop_counts().get("Global", {})
     attn = sum(v for k, v in counts.items() if str(k).startswith("zoo."))
     return dict(total=float(fc.get_total_flops()), attention=float(attn))
@@ -211,27 +244,28 @@ def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def make_steps(model: torch.nn.Module, x: torch.Tensor, device, dtype):
-    """(inference step, train step) closures on fixed input ``x``."""
+def make_steps(model: torch.nn.Module, x, device, dtype, batch: Optional[int] = None):
+    """(inference step, train step) closures on fixed input ``x`` (a tensor, or a dict of keyword
+    inputs from ``example_inputs``; then ``batch`` is its sample count)."""
     num_classes = getattr(model, "num_classes", 0) or 0
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-9, momentum=0.9)
-    target = torch.randint(0, max(num_classes, 1), (x.shape[0],), device=device)
+    batch = x.shape[0] if batch is None else batch
+    target = torch.randint(0, max(num_classes, 1), (batch,), device=device)
 
     def infer():
         model.eval()
         with torch.inference_mode(), _autocast(device, dtype):
-            model(x)
+            _call(model, x)
 
     def train():
         model.train()
         with _autocast(device, dtype):
-            out = model(x)
-            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == num_classes > 0:
+            out = _call(model, x)
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape == (batch, num_classes) \
+                    and num_classes > 0:
                 loss = torch.nn.functional.cross_entropy(out.float(), target)
-            else:  # dense / dict outputs (segmenters, detectors): a scalar touching every output
-                leaves = [t for t in tree_leaves(out)
-                          if isinstance(t, torch.Tensor) and t.is_floating_point()]
-                loss = sum(t.float().mean() for t in leaves)
+            else:  # dense / dict outputs (segmenters, detectors, DiTs): a scalar touching every output
+                loss = _scalar_loss(out)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -266,20 +300,79 @@ def default_input_size(name: str):
         cfg = cfg.to_dict()
     size = cfg.get("input_size") or cfg.get("test_input_size")
     if not size:
-        raise ValueError(f"{name}: its cfg has no input_size / test_input_size, so it does not take an image "
-                         "tensor this tool can make; benchmark it with its own tool")
+        raise ValueError(f"{name}: its cfg has no input_size / test_input_size and the model has no "
+                         "example_inputs(batch_size, device, dtype) method, so this tool cannot make its input")
     return tuple(size)
+
+
+def _light_model(name: str) -> torch.nn.Module:
+    """The model built on the meta device when it allows it (no memory, no init), else on the CPU."""
+    import timm
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False)
+    except Exception:
+        return timm.create_model(name, pretrained=False)
 
 
 def params_m(name: str) -> float:
     """Parameter count in millions, built on the meta device when the model allows it."""
-    import timm
+    return n_params(_light_model(name)) / 1e6
+
+
+def takes_example_inputs(model) -> bool:
+    """True for a model that says how to call it (``example_inputs``) instead of taking an image."""
+    return callable(getattr(model, "example_inputs", None))
+
+
+def make_example_inputs(model: torch.nn.Module, batch: int, device, input_kw: Optional[dict] = None) -> dict:
+    """``model.example_inputs(batch_size=batch, device=device, dtype=float32, **input_kw)``, checked.
+
+    Float inputs stay fp32: non-fp32 runs use autocast, as for images."""
     try:
-        with torch.device("meta"):
-            m = timm.create_model(name, pretrained=False)
-    except Exception:
-        m = timm.create_model(name, pretrained=False)
-    return n_params(m) / 1e6
+        inputs = model.example_inputs(batch_size=batch, device=device, dtype=torch.float32, **(input_kw or {}))
+    except TypeError as e:
+        raise TypeError(f"{type(model).__name__}.example_inputs rejected --input-kw {input_kw or {}}: {e}") from e
+    if not isinstance(inputs, dict) or not all(isinstance(k, str) for k in inputs):
+        raise TypeError(f"{type(model).__name__}.example_inputs must return a dict of forward keyword arguments, "
+                        f"got {type(inputs).__name__}")
+    return inputs
+
+
+def describe_inputs(inputs: dict) -> dict:
+    """JSON description of keyword inputs: tensors as shape + dtype (+ the values of tiny integer or
+    bool tensors), plain scalars as they are."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            d = dict(shape=list(v.shape), dtype=str(v.dtype).replace("torch.", ""))
+            if not v.is_floating_point() and v.numel() <= 4 and v.device.type != "meta":
+                d["value"] = v.reshape(-1).tolist()
+            out[k] = d
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        else:
+            out[k] = type(v).__name__
+    return out
+
+
+def inputs_str(desc: Optional[dict], compact: bool = False) -> str:
+    """Short text for a ``describe_inputs`` dict: ``x 4×1024×64, timestep (1,), num_parts=4``. ``compact`` keeps
+    floating tensors and scalar values only (masks and index tensors dropped)."""
+    if not desc:
+        return "–"
+    parts = []
+    for k, v in desc.items():
+        if isinstance(v, dict):
+            if "value" in v:
+                vals = v["value"]
+                parts.append(f"{k}={vals[0] if len(set(vals)) == 1 else vals}")
+            elif not compact or v.get("dtype", "").startswith(("float", "bfloat")):
+                shape = v["shape"]
+                parts.append(f"{k} ({shape[0]},)" if len(shape) == 1 else f"{k} " + "×".join(str(i) for i in shape))
+        else:
+            parts.append(f"{k}={v}")
+    return ", ".join(parts)
 
 
 def create(name: str, img_size: Optional[int]):
@@ -333,19 +426,38 @@ def n_params(model) -> int:
 
 
 def bench_one(name: str, model: torch.nn.Module, size, args, ref: Optional[torch.nn.Module]) -> dict:
+    """One record. ``size``: (C, *spatial) of an image model; None for a model with ``example_inputs``
+    (then rates are samples/s and ``sample_inputs`` describes one sample's inputs)."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    rec = dict(model=name, params_m=round(n_params(model) / 1e6, 3), input_size=list(size), batch=args.batch,
-               dtype=str(dtype).replace("torch.", ""), amp=dtype != torch.float32)
-    x1 = torch.randn(1, *size)
+    input_kw = getattr(args, "input_kw", None) or {}
+    rk = "img_s" if size is not None else "samples_s"
+    unit = "img/s" if size is not None else "samples/s"
+    rec = dict(model=name, params_m=round(n_params(model) / 1e6, 3), input_size=list(size) if size else None,
+               batch=args.batch, dtype=str(dtype).replace("torch.", ""), amp=dtype != torch.float32)
+    if size is None:
+        x1 = make_example_inputs(model, 1, "cpu", input_kw)
+        rec.update(sample_inputs=describe_inputs(x1), input_kw=dict(input_kw), rate_unit=unit,
+                   sample_note="a sample is one batch element of the model's example_inputs (sample_inputs: the "
+                               "forward inputs at batch 1)")
+    else:
+        x1 = torch.randn(1, *size)
     if not args.no_flops:
         model.eval()
         f = count_flops(model, x1)
         rec.update(gmacs=round(f["total"] / 2e9, 4), attention_gmacs=round(f["attention"] / 2e9, 4),
                    flops_note=FLOP_NOTE)
+    if getattr(args, "flops_only", False):
+        rec["timing"] = "skipped (--flops-only): parameters and GMACs only"
+        if ref is not None:
+            rec["reference"] = dict(name=args.reference, params_m=round(n_params(ref) / 1e6, 3))
+        return rec
     model.to(device)
-    x = torch.randn(args.batch, *size, device=device)
-    infer, train = make_steps(model, x, device, dtype)
+    if size is None:
+        x = make_example_inputs(model, args.batch, device, input_kw)
+    else:
+        x = torch.randn(args.batch, *size, device=device)
+    infer, train = make_steps(model, x, device, dtype, args.batch)
     steps = {"infer": infer}
     if not args.no_train:
         steps["train"] = train
@@ -356,7 +468,7 @@ def bench_one(name: str, model: torch.nn.Module, size, args, ref: Optional[torch
             rf = count_flops(ref, x1)
             rec["reference"]["gmacs"] = round(rf["total"] / 2e9, 4)
         ref.to(device)
-        rinfer, rtrain = make_steps(ref, x, device, dtype)
+        rinfer, rtrain = make_steps(ref, x, device, dtype, args.batch)
         steps["ref_infer"] = rinfer
         if not args.no_train:
             steps["ref_train"] = rtrain
@@ -366,21 +478,21 @@ def bench_one(name: str, model: torch.nn.Module, size, args, ref: Optional[torch
     for g in groups:
         if g:
             times.update(interleaved_times({k: steps[k] for k in g}, device, args.warmup, args.iters, args.rounds))
-    rec["infer_img_s"] = round(args.batch / times["infer"], 3)
+    rec[f"infer_{rk}"] = round(args.batch / times["infer"], 3)
     rec["infer_mem_mb"] = _round(peak_memory_mb(infer, device))
     if "train" in times:
-        rec["train_img_s"] = round(args.batch / times["train"], 3)
+        rec[f"train_{rk}"] = round(args.batch / times["train"], 3)
         rec["train_mem_mb"] = _round(peak_memory_mb(train, device))
     if ref is not None:
         r = rec["reference"]
-        r["infer_img_s"] = round(args.batch / times["ref_infer"], 3)
+        r[f"infer_{rk}"] = round(args.batch / times["ref_infer"], 3)
         r["infer_ratio"] = round(times["ref_infer"] / times["infer"], 4)   # >1: zoo faster
         r["infer_mem_mb"] = _round(peak_memory_mb(rinfer, device))
         if "ref_train" in times:
-            r["train_img_s"] = round(args.batch / times["ref_train"], 3)
+            r[f"train_{rk}"] = round(args.batch / times["ref_train"], 3)
             r["train_ratio"] = round(times["ref_train"] / times["train"], 4)
             r["train_mem_mb"] = _round(peak_memory_mb(rtrain, device))
-        r["ratio_note"] = "zoo img/s / reference img/s, medians of interleaved rounds"
+        r["ratio_note"] = f"zoo {unit} / reference {unit}, medians of interleaved rounds"
     rec["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     rec["memory_method"] = ("torch.cuda.max_memory_allocated minus allocated before the step" if device.type == "cuda"
                             else "peak bytes of tensor storages allocated during one step (dispatch-mode tracker; "
@@ -430,14 +542,33 @@ def family_of(name: str) -> Optional[str]:
 
 
 MD_COLS = [("model", "model"), ("params (M)", "params_m"), ("GMACs", "gmacs"), ("attn GMACs", "attention_gmacs"),
-           ("input", "input_size"), ("batch", "batch"), ("dtype", "dtype"), ("infer img/s", "infer_img_s"),
-           ("train img/s", "train_img_s"), ("infer peak MiB", "infer_mem_mb"), ("train peak MiB", "train_mem_mb")]
+           ("input", "input_size"), ("batch", "batch"), ("dtype", "dtype"), ("infer {u}", "infer_rate"),
+           ("train {u}", "train_rate"), ("infer peak MiB", "infer_mem_mb"), ("train peak MiB", "train_mem_mb")]
+
+
+def rate_unit(r: dict) -> str:
+    """"samples/s" for a record of a model fed by example_inputs, else "img/s" (older records)."""
+    return "samples/s" if r.get("rate_unit") == "samples/s" or "infer_samples_s" in r else "img/s"
+
+
+def rate(r: dict, phase: str):
+    """Throughput of ``phase`` ("infer" / "train") in the record's own unit, None when not timed."""
+    v = r.get(f"{phase}_samples_s")
+    return r.get(f"{phase}_img_s") if v is None else v
+
+
+def records_unit(records: List[dict]) -> str:
+    """Column unit for a table of records: img/s, samples/s, or both spelled out when mixed."""
+    units = {rate_unit(r) for r in records if "error" not in r}
+    return units.pop() if len(units) == 1 else "img/s or samples/s"
 
 
 def markdown_table(records: List[dict]) -> str:
     """Markdown table of benchmark records (reference ratios in extra columns when present)."""
     has_ref = any("reference" in r for r in records)
-    head = [h for h, _ in MD_COLS] + (["reference", "ref infer img/s", "infer ratio", "train ratio"] if has_ref else [])
+    u = records_unit(records)
+    head = [h.format(u=u) for h, _ in MD_COLS] + (
+        ["reference", f"ref infer {u}", "infer ratio", "train ratio"] if has_ref else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         if "error" in r:
@@ -446,21 +577,31 @@ def markdown_table(records: List[dict]) -> str:
             continue
         row = []
         for _, k in MD_COLS:
-            v = r.get(k)
-            if k == "input_size" and v:
-                v = "x".join(str(i) for i in v[1:])
+            if k.endswith("_rate"):
+                v = rate(r, k[:-5])
+            else:
+                v = r.get(k)
+            if k == "input_size":
+                v = "x".join(str(i) for i in v[1:]) if v else inputs_str(r.get("sample_inputs"))
             row.append("–" if v is None else str(v))
         if has_ref:
             ref = r.get("reference") or {}
-            row += [str(ref.get(k, "–")) for k in ("name", "infer_img_s", "infer_ratio", "train_ratio")]
+            row += [str(ref.get("name", "–")), str(rate(ref, "infer") or "–"), str(ref.get("infer_ratio", "–")),
+                    str(ref.get("train_ratio", "–"))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
+def record_key(r: dict) -> tuple:
+    """What makes two records the same measurement: model, input (image size or one sample's inputs),
+    batch, dtype, device."""
+    inputs = json.dumps(r.get("sample_inputs"), sort_keys=True) if r.get("sample_inputs") else None
+    return (r.get("model"), tuple(r.get("input_size") or ()), inputs, r.get("batch"), r.get("dtype"), r.get("device"))
+
+
 def merge_records(old: List[dict], new: List[dict]) -> List[dict]:
     """Replace old records measured with the same (model, input, batch, dtype, device)."""
-    def key(r):
-        return (r.get("model"), tuple(r.get("input_size") or ()), r.get("batch"), r.get("dtype"), r.get("device"))
+    key = record_key
     keys = {key(r) for r in new}
     return [r for r in old if key(r) not in keys] + new
 
@@ -484,6 +625,10 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-train", action="store_true", help="skip the train-step measurement")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    p.add_argument("--flops-only", action="store_true",
+                   help="parameters and GMACs only, no timing or memory (models too large to time here)")
+    p.add_argument("--input-kw", action="append", default=[], metavar="K=V",
+                   help="keyword passed to a non-image model's example_inputs (repeatable; V a Python literal)")
     p.add_argument("--max-params", type=float, default=None, help="skip models above this many M params")
     p.add_argument("--reference", default=None, help="timm model name or 'module:callable' to compare with")
     p.add_argument("--reference-path", default=None, help="directory put on sys.path for --reference")
@@ -507,7 +652,24 @@ def parse_args(argv=None):
         p.error("--device cuda asked for but CUDA is not available")
     if a.reference_path and not a.reference:
         p.error("--reference-path needs --reference")
+    if a.flops_only and a.no_flops:
+        p.error("--flops-only and --no-flops exclude each other")
+    a.input_kw = _parse_input_kw(p, a.input_kw)
     return a
+
+
+def _parse_input_kw(p, items: List[str]) -> dict:
+    import ast
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k.isidentifier():
+            p.error(f"--input-kw takes NAME=VALUE (e.g. num_parts=2), got {item!r}")
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            p.error(f"--input-kw {k}: value {v!r} is not a Python literal (int, float, str in quotes, ...)")
+    return out
 
 
 def main(argv=None) -> int:
@@ -525,21 +687,33 @@ def main(argv=None) -> int:
     for name in names:
         rec = dict(model=name, family=family_of(name))
         try:
-            size = default_input_size(name)
-            if args.img_size is not None:
-                size = (size[0],) + (args.img_size,) * (len(size) - 1)
-            elif args.max_img_size is not None:
-                size = (size[0],) + tuple(min(s, args.max_img_size) for s in size[1:])
-            if args.max_params is not None:
-                pm = params_m(name)
-                if pm > args.max_params:
-                    print(f"benchmark: skip {name}: {pm:.1f}M params > --max-params {args.max_params}",
-                          file=sys.stderr)
-                    continue
-            square2d = len(size) == 3 and size[1] == size[2]
-            model = create(name, size[1] if square2d else None)
+            light = _light_model(name)
+            example = takes_example_inputs(light)
+            pm = n_params(light) / 1e6
+            del light
+            if args.max_params is not None and pm > args.max_params:
+                print(f"benchmark: skip {name}: {pm:.1f}M params > --max-params {args.max_params}", file=sys.stderr)
+                continue
+            if example:
+                if args.img_size is not None or args.max_img_size is not None:
+                    raise ValueError(f"{name} does not take an image (it has example_inputs): --img-size / "
+                                     "--max-img-size do not apply; size its inputs with --input-kw")
+                size = None
+                model = create(name, None)
+            else:
+                if args.input_kw:
+                    raise ValueError(f"{name} takes an image: --input-kw applies only to models with "
+                                     "example_inputs; use --img-size")
+                size = default_input_size(name)
+                if args.img_size is not None:
+                    size = (size[0],) + (args.img_size,) * (len(size) - 1)
+                elif args.max_img_size is not None:
+                    size = (size[0],) + tuple(min(s, args.max_img_size) for s in size[1:])
+                square2d = len(size) == 3 and size[1] == size[2]
+                model = create(name, size[1] if square2d else None)
             ref = load_reference(args.reference, args.reference_path) if args.reference else None
-            print(f"benchmark: {name} {tuple(size)} batch {args.batch} on {device} ...", file=sys.stderr, flush=True)
+            what = tuple(size) if size is not None else f"example_inputs({args.input_kw or ''})"
+            print(f"benchmark: {name} {what} batch {args.batch} on {device} ...", file=sys.stderr, flush=True)
             rec.update(bench_one(name, model, size, args, ref))
             del model, ref
         except Exception as e:  # keep going over a family; the record says what failed

@@ -195,6 +195,26 @@ class PartCrafterDiT(nn.Module):
     def is_global(self, i: int) -> bool:
         return i in self.global_block_ids
 
+    @torch.jit.ignore
+    def example_inputs(self, batch_size: int = 1, device=None, dtype=None, num_parts: int = 4,
+                       tokens_per_part: int = 1024, context_tokens: int = 257) -> Dict[str, torch.Tensor]:
+        """Random ``forward`` keyword inputs for ``batch_size`` objects of ``num_parts`` parts each
+        (benchmarks, export). Defaults are upstream's inference sizes: 1024 latent tokens per part
+        and 257 DINOv2 image tokens. ``num_parts`` goes in as a per-object tensor, so part ids are
+        ``arange(num_parts)`` per object (the training rule) whatever the batch size."""
+        for k, v in (("batch_size", batch_size), ("num_parts", num_parts), ("tokens_per_part", tokens_per_part),
+                     ("context_tokens", context_tokens)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"example_inputs: {k} must be an int >= 1, got {v!r}")
+        if self.part_embedding is not None and num_parts > self.max_num_parts:
+            raise ValueError(f"example_inputs: num_parts={num_parts} exceeds max_num_parts={self.max_num_parts}")
+        dtype = dtype or torch.float32
+        N = batch_size * num_parts
+        return dict(x=torch.randn(N, tokens_per_part, self.in_chans, device=device, dtype=dtype),
+                    timestep=torch.rand(batch_size, device=device, dtype=dtype) * 1000,
+                    context=torch.randn(batch_size, context_tokens, self.context_dim, device=device, dtype=dtype),
+                    num_parts=torch.full((batch_size,), num_parts, dtype=torch.long, device=device))
+
     # forward --------------------------------------------------------------------------------------
     def _contexts(self, context: torch.Tensor, packed: PackedParts):
         """Packed condition tokens and layouts for local and global blocks."""

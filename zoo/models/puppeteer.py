@@ -131,6 +131,29 @@ class PuppeteerSkinNet(nn.Module):
     def no_weight_decay(self):
         return {"scale"} | {f"blocks.{i}.taja.rel_pos_scale" for i in range(self.depth)}
 
+    @torch.jit.ignore
+    def example_inputs(self, batch_size: int = 1, device=None, dtype=None, num_points: int = 8192,
+                       num_joints: int = 64, shape_tokens: int = 257) -> Dict[str, torch.Tensor]:
+        """Random ``forward`` keyword inputs for ``batch_size`` shapes (benchmarks, export). Defaults
+        are upstream's sizes: 8192 surface points, 257 shape tokens (raw shape points for a model
+        with ``shape_in_chans``); 64 joints (upstream rigs up to 70) in a binary tree."""
+        for k, v in (("batch_size", batch_size), ("num_points", num_points), ("num_joints", num_joints),
+                     ("shape_tokens", shape_tokens)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"example_inputs: {k} must be an int >= 1, got {v!r}")
+        dtype = dtype or torch.float32
+        B, kw = batch_size, dict(device=device, dtype=dtype)
+        normals = F.normalize(torch.randn(B, num_points, 3, **kw), dim=-1)
+        points = torch.cat([torch.rand(B, num_points, 3, **kw) - 0.5, normals], dim=-1)
+        parents = (torch.arange(num_joints, device=device) - 1).div(2, rounding_mode="floor").expand(B, -1)
+        joints = skeleton_input(torch.rand(B, num_joints, 3, **kw) * 0.9 - 0.45, parents)
+        shape = torch.randn(B, shape_tokens, self.shape_in_chans or self.dim, **kw)
+        out = dict(points=points, joints=joints, shape=shape,
+                   joint_valid=torch.ones(B, num_joints, dtype=torch.bool, device=device), parents=parents)
+        if self.proj is not None:
+            out["point_feats"] = torch.randn(B, num_points, self.part_dim, **kw)
+        return out
+
     def _check(self, points, joints, shape, joint_valid, point_feats):
         if points.dim() != 3 or points.shape[-1] != 6:
             raise ValueError(f"points must be (B, Np, 6) xyz + normal, got {tuple(points.shape)}")
@@ -355,6 +378,23 @@ class PuppeteerSkeletonGPT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         return {"target_aware_pos_embed"}
+
+    @torch.jit.ignore
+    def example_inputs(self, batch_size: int = 1, device=None, dtype=None,
+                       num_tokens: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Random ``forward`` keyword inputs (benchmarks, export): ``batch_size`` condition sets plus
+        ``num_tokens`` generated tokens (bos, then joint tokens) for teacher forcing; default the
+        longest stream the model takes, ``max_gen - 1`` (405 for 101 joints)."""
+        T = self.max_gen - 1 if num_tokens is None else num_tokens
+        for k, v in (("batch_size", batch_size), ("num_tokens", T)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"example_inputs: {k} must be an int >= 1, got {v!r}")
+        if T > self.max_gen:
+            raise ValueError(f"example_inputs: num_tokens={T} exceeds max_gen={self.max_gen}")
+        ids = torch.randint(NUM_SPECIAL, self.vocab_size, (batch_size, T), device=device)
+        ids[:, 0] = BOS
+        cond = torch.randn(batch_size, self.cond_len, self.cond_dim, device=device, dtype=dtype or torch.float32)
+        return dict(cond=cond, input_ids=ids)
 
     # -- embeddings -------------------------------------------------------------------------------
     def embed_condition(self, cond: torch.Tensor) -> torch.Tensor:
