@@ -9,12 +9,15 @@ Upstream code is loaded at run time only; nothing of it is kept in this reposito
 
 Before timing, the upstream model's random weights are loaded into the zoo model through
 ``checkpoint_filter_fn`` and both fused models must agree (max-abs logits difference is reported),
-so the two timed networks compute the same function. Timings alternate A/B/A/B in one process
-(the machine may be shared) and the medians are reported.
+so the two timed networks compute the same function. Timings alternate A/B, B/A, ... in one
+process (the machine may be shared) and the medians are reported, with the per-round ratio, the
+load average and the minor page faults per forward (large CPU buffers come back from the OS as
+fresh pages; a model that allocates fewer of them spends less time faulting).
 """
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -78,12 +81,18 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0):
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_model(model, x, iters):
+    """(seconds, minor page faults) per forward, averaged over ``iters``."""
+    f0 = _minor_faults()
     t0 = time.perf_counter()
     with torch.inference_mode():
         for _ in range(iters):
             model(x)
-    return (time.perf_counter() - t0) / iters
+    return (time.perf_counter() - t0) / iters, (_minor_faults() - f0) / iters
 
 
 def main():
@@ -127,24 +136,32 @@ def main():
         contenders['zoo_fused_cl'] = ours_fused
     inputs = {k: (x.contiguous(memory_format=torch.channels_last) if k.endswith('_cl') else x) for k in contenders}
     times = {k: [] for k in contenders}
+    faults = {k: [] for k in contenders}
     for name, model in contenders.items():  # warm-up
         model.to(memory_format=torch.channels_last if name.endswith('_cl') else torch.contiguous_format)
         time_model(model, inputs[name], 1)
-    for _ in range(args.rounds):
-        for name, model in contenders.items():
+    for r in range(args.rounds):
+        order = list(contenders.items())
+        for name, model in (order if r % 2 == 0 else order[::-1]):  # A/B, then B/A: no fixed position
             model.to(memory_format=torch.channels_last if name.endswith('_cl') else torch.contiguous_format)
-            times[name].append(time_model(model, inputs[name], args.iters))
+            t, f = time_model(model, inputs[name], args.iters)
+            times[name].append(t)
+            faults[name].append(f)
 
     res = dict(
         variant=args.variant, img_size=args.img_size, batch_size=args.batch_size, threads=args.threads,
         rounds=args.rounds, iters=args.iters, torch=torch.__version__,
-        date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+        date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), loadavg_1min_end=os.getloadavg()[0],
         params_fused=dict(upstream=n_ref, zoo=n_ours),
         max_abs_logit_diff=dict(unfused=diff_unfused, fused=diff_fused),
         img_per_s={k: args.batch_size / statistics.median(v) for k, v in times.items()},
         img_per_s_all={k: [round(args.batch_size / t, 2) for t in v] for k, v in times.items()},
+        # page faults show fresh memory being touched (large CPU allocations come back from the OS)
+        minor_faults_per_forward={k: statistics.median(v) for k, v in faults.items()},
     )
     res['ratio_zoo_over_upstream'] = res['img_per_s']['zoo_fused'] / res['img_per_s']['upstream_fused']
+    res['ratio_per_round_median'] = statistics.median(
+        a / b for a, b in zip(times['upstream_fused'], times['zoo_fused']))
     if args.channels_last:
         res['ratio_zoo_over_upstream_cl'] = res['img_per_s']['zoo_fused_cl'] / res['img_per_s']['upstream_fused_cl']
     print(json.dumps(res, indent=2))

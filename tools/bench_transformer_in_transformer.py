@@ -5,7 +5,7 @@
 
 timm's ``tnt_{s,b}_patch16_224`` (random init, eval) and ``tnt_{s,b}_patch16_224_zoo`` loaded
 with timm's weights through our ``checkpoint_filter_fn`` (outputs are checked equal first) run
-alternately (A/B/A/B, one forward each per round) and the per-model medians are reported, because
+alternately (A/B, then B/A, one forward each per round) and the per-model medians are reported, because
 the machine may be shared. ``--sizes`` adds zoo-only timings at other input sizes (timm's TNT
 only accepts its trained size). ``--profile`` prints the top operators of one zoo forward.
 """
@@ -13,16 +13,25 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 
 import torch
 
 
-def _time(fn):
+def _time(fn, cpu=None, faults=None):
+    """Wall seconds of fn(); appends process CPU seconds and minor page faults to the given lists."""
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
     fn()
-    return time.perf_counter() - t
+    t = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    if cpu is not None:
+        cpu.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+    if faults is not None:
+        faults.append(r1.ru_minflt - r0.ru_minflt)
+    return t
 
 
 def main():
@@ -51,9 +60,12 @@ def main():
     with torch.inference_mode():
         diff = (ref(x) - ours(x)).abs().max().item()  # also the warm-up
         times = {"timm": [], "zoo": []}
-        for _ in range(args.rounds):
-            times["timm"].append(_time(lambda: ref(x)))
-            times["zoo"].append(_time(lambda: ours(x)))
+        cpu = {"timm": [], "zoo": []}
+        faults = {"timm": [], "zoo": []}
+        models = {"timm": ref, "zoo": ours}
+        for r in range(args.rounds):
+            for k in (("timm", "zoo") if r % 2 == 0 else ("zoo", "timm")):  # no fixed position
+                times[k].append(_time(lambda: models[k](x), cpu[k], faults[k]))
         extra = {}
         for s in args.sizes:
             xs = torch.randn(args.batch, 3, s, s)
@@ -73,6 +85,11 @@ def main():
         img_per_s_timm=args.batch / med["timm"], img_per_s_zoo=args.batch / med["zoo"],
         speedup=med["timm"] / med["zoo"],
         speedup_per_round_median=statistics.median(a / b for a, b in zip(times["timm"], times["zoo"])),
+        # process CPU seconds (less sensitive to a shared machine than wall time) and minor page
+        # faults (fresh memory from the OS) per forward, medians
+        speedup_cpu_time=statistics.median(cpu["timm"]) / statistics.median(cpu["zoo"]),
+        cpu_s={k: statistics.median(v) for k, v in cpu.items()},
+        minor_faults={k: statistics.median(v) for k, v in faults.items()},
         zoo_img_per_s_at=extra,
         raw_s={k: [round(t, 4) for t in v] for k, v in times.items()},
     )

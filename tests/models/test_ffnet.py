@@ -183,6 +183,67 @@ def test_metamixer_static_instance_is_value_act_key_query():
     torch.testing.assert_close(mixer(x), v(F.gelu(k(q(x)))))
 
 
+@pytest.mark.parametrize('fused', [False, True])
+def test_inference_fast_path_is_bitwise_the_autograd_path(fused):
+    """In-place GELU / residual sums under no_grad give exactly the grad-recording values, leave the
+    input alone, and every stage output seen by a hook keeps its value."""
+    torch.manual_seed(0)
+    model = _randomize(FFNet(depths=(1, 2, 1, 1), dims=(16, 32, 64, 128), layer_scale_init_value=0.5,
+                             use_se=(False, True, False, False), num_classes=5)).eval()
+    if fused:
+        model.reparameterize()
+    x = torch.randn(2, 3, 64, 64)
+    x_copy = x.clone()
+    seen = {}
+    for i, stage in enumerate(model.stages):
+        stage.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, (out, out.clone())))
+    ref = model(x.requires_grad_()).detach()  # records a graph: out-of-place path
+    x = x.detach()
+    with torch.inference_mode():
+        out = model(x)
+    assert torch.equal(out, ref)
+    assert torch.equal(x, x_copy)
+    for held, copied in seen.values():
+        assert torch.equal(held, copied)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    # and the in-place kernels are what ran: every GELU (stem + 2 per block) and every residual sum
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), Ops() as ops:
+        model(x)
+    blocks = sum(len(s.blocks) for s in model.stages)
+    assert ops.names.count('gelu_.default') == 1 + 2 * blocks and 'gelu.default' not in ops.names
+    assert ops.names.count('add_.Tensor') >= 2 * blocks
+
+
+def test_gelu_runs_in_place_only_on_fresh_conv_outputs():
+    from zoo.models.ffnet import _gelu_mode
+    from timm.layers.activations import GELU, GELUTanh
+    conv = nn.Conv2d(4, 4, 1)
+    assert _gelu_mode(nn.GELU(), conv) == 'none'
+    assert _gelu_mode(nn.GELU(approximate='tanh'), conv) == 'tanh'
+    assert _gelu_mode(GELU(), ConvBn(4, 4, 3)) == 'none'
+    assert _gelu_mode(GELUTanh(), RepDwConv(4, 4, 7)) == 'tanh'
+    assert _gelu_mode(nn.GELU(), nn.Identity()) is None  # would overwrite the mixer's input
+    assert _gelu_mode(nn.ReLU(), conv) is None
+    # an identity key: the mixer input must survive an inference call
+    mixer = MetaMixer(nn.Identity(), nn.Identity(), nn.Identity(), act='gelu')
+    x = torch.randn(3, 5)
+    with torch.inference_mode():
+        y = mixer(x)
+    assert torch.equal(y, F.gelu(x)) and not torch.equal(x, y)
+
+
 def test_hybrid_attention_stage_runs_and_fuses():
     torch.manual_seed(0)
     model = FFNet(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), mlp_kernel_sizes=(3, 3, 7, 7),

@@ -285,6 +285,52 @@ def test_fused_residual_path_matches_dropout_path(name):
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_inference_linear_and_residual_match_plain_linear(monkeypatch, onednn):
+    """The CPU inference GEMMs (oneDNN with fused GELU / residual, or the in-place fallback) equal
+    F.linear (+ GELU, + residual) to fp32 rounding and never write their inputs."""
+    import zoo.layers.mha as mha
+    if not onednn:
+        monkeypatch.setattr(mha, "_ONEDNN_LINEAR", None)
+    elif mha._ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN linear")  # only the fallback exists here
+    torch.manual_seed(0)
+    x = torch.randn(2, 37, 24)
+    lin = torch.nn.Linear(24, 72)
+    res = torch.randn(2, 37, 72)
+    keep = (x.clone(), res.clone())
+    with torch.no_grad():
+        assert mha._onednn_ok(x, lin.weight, res) == onednn  # the path under test is the one taken
+        for act, ref in [(None, lin(x)), ("gelu", F.gelu(lin(x))), ("gelu_tanh", F.gelu(lin(x), approximate="tanh"))]:
+            torch.testing.assert_close(mha.inference_linear(x, lin.weight, lin.bias, act=act), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mha.inference_linear(x, lin.weight, None), F.linear(x, lin.weight), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mha.linear_residual(x, lin, res), res + lin(x), rtol=1e-5, atol=1e-6)
+        assert mha.inference_linear(x[:0], lin.weight, lin.bias, act="gelu").shape == (0, 37, 72)
+    assert torch.equal(x, keep[0]) and torch.equal(res, keep[1])
+    # with a graph recorded it is F.linear + GELU, differentiable
+    w = lin.weight.detach().requires_grad_()
+    mha.inference_linear(x, w, lin.bias, act="gelu").sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    with pytest.raises(ValueError, match="act='relu' is not supported"):
+        mha.inference_linear(x, lin.weight, act="relu")
+
+
+@pytest.mark.parametrize("name", ["tnt", "pyramid"])
+def test_inference_path_matches_autograd_path(name):
+    """Under no_grad / inference_mode the blocks take the fused CPU GEMMs; the logits must equal the
+    graph-recording forward of the same eval model, and the input must stay untouched."""
+    torch.manual_seed(0)
+    model = _small(name).eval()
+    x = torch.randn(2, 3, 40, 40)
+    keep = x.clone()
+    ref = model(x.requires_grad_()).detach()
+    x = x.detach()
+    with torch.inference_mode():
+        out = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, keep)
+
+
 @pytest.mark.parametrize("name", ["tnt", "pyramid"])
 def test_grad_checkpointing_and_intermediates(name):
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint
 
 from zoo import hub
-from zoo.layers.mha import MultiHeadAttention, linear_residual
+from zoo.layers.mha import MultiHeadAttention, inference_linear, linear_residual
 
 __all__ = ["Tnt", "PyramidTnt", "TntBlock", "checkpoint_filter_fn"]
 
@@ -224,7 +224,8 @@ class TntBlock(nn.Module):
 
     def _fold(self, inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
         B, p = outer.shape[0], self.num_prefix_tokens
-        fold = self.proj_norm2(self.proj(self.proj_norm1(inner.reshape(B, inner.shape[0] // B, -1))))
+        fold = self.proj_norm2(inference_linear(
+            self.proj_norm1(inner.reshape(B, inner.shape[0] // B, -1)), self.proj.weight, self.proj.bias))
         if p:
             return torch.cat([outer[:, :p], outer[:, p:] + fold], dim=1)
         return outer + fold
@@ -239,9 +240,22 @@ class TntBlock(nn.Module):
         return inner, outer
 
 
+def _gelu_kind(act: nn.Module) -> Optional[str]:
+    """inference_linear's name for an exact / tanh GELU module, None for anything else."""
+    if type(act) is nn.GELU:
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    return None
+
+
 def _mlp_residual(mlp: Mlp, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + mlp(x) for a dropout-free timm Mlp, the sum done by fc2's GEMM."""
-    return linear_residual(mlp.norm(mlp.act(mlp.fc1(x))), mlp.fc2, residual)
+    """residual + mlp(x) for a dropout-free timm Mlp, the sum done by fc2's GEMM; a GELU is fused
+    into fc1 (one pass, no second full-size buffer, see inference_linear)."""
+    gelu = _gelu_kind(mlp.act)
+    if gelu is not None and isinstance(mlp.norm, nn.Identity):
+        h = inference_linear(x, mlp.fc1.weight, mlp.fc1.bias, act=gelu)
+    else:
+        h = mlp.norm(mlp.act(mlp.fc1(x)))
+    return linear_residual(h, mlp.fc2, residual)
 
 
 class WordEmbed(nn.Module):
