@@ -241,3 +241,15 @@ def test_make_cards_samples_records(tmp_path):
     assert "| cond 1×9×32 |" in row                         # default input from example_inputs (floats only)
     row = next(ln for ln in readme.splitlines() if ln.startswith("| puppeteer_skeleton_opt350m |"))
     assert row.endswith("| – |")                           # GMACs-only record: no measured speed
+
+
+def test_memory_tracker_counts_the_key_lists_csr_path():
+    """The key_lists CSR path creates sparse tensors (no storage of their own): the tracker must
+    skip them and still count the strided buffers, and the numbers must not depend on it."""
+    from zoo.kernels import key_lists
+    q = torch.randn(1, 2, 17, 8)
+    idx = torch.rand(1, 2, 17, 17).topk(5, -1).indices
+    with benchmark._TensorMemory() as mem:
+        out = attention(q, q, q, key_lists(idx, 17, dense_rows=1))
+    assert out.shape == (1, 2, 17, 8)
+    assert mem.peak >= out.numel() * out.element_size()

@@ -188,7 +188,9 @@ class _TensorMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            # sparse tensors (the key_lists CSR path) have no storage of their own: their index and
+            # value tensors are counted when they are created
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.layout == torch.strided:
                 st = t.untyped_storage()
                 key, n = st.data_ptr(), st.nbytes()
                 if n == 0 or key in self.seen:
