@@ -89,19 +89,12 @@ class _Pattern:
             z = self._zeros[a.dtype] = torch.zeros(self.nnz, dtype=a.dtype, device=a.device)
         return torch.sparse.sampled_addmm(self.matrix(z), a, b.t(), beta=0.0, alpha=alpha).values()
 
-    def per_row(self, rowvec, values):
-        """values (nnz,) times / minus a per-query-row (G*Lq,) vector, broadcast over each row's entries."""
-        r = rowvec.view(self.G, self.Lq, 1)
-        dv, sv = self.rows(values)
-        return r[:, :self.d], r[:, self.d:], dv, sv
-
 
 def _softmax(pat: _Pattern, s, need_lse):
     """Row softmax of the flat logits; fully padded rows give p = 0 and lse = -inf."""
     ds, ss = pat.rows(s)
     if pat.pad is not None:
         ss = ss.masked_fill(pat.pad, _NEG_INF)
-    parts = [(ds, 0), (ss, 1)] if pat.d else [(ss, 1)]
     if not pat.d:
         p = torch.softmax(ss, -1).reshape(-1)
     else:
@@ -113,7 +106,7 @@ def _softmax(pat: _Pattern, s, need_lse):
         p = torch.nan_to_num_(p, nan=0.0)
     lse = None
     if need_lse:
-        lse = torch.cat([torch.logsumexp(t, -1) for t, _ in parts], 1).reshape(-1)
+        lse = torch.cat([torch.logsumexp(ds, -1), torch.logsumexp(ss, -1)], 1).reshape(-1)
     return p, lse
 
 
@@ -137,9 +130,10 @@ class _RowSparse(torch.autograd.Function):
         if dlse is not None:
             row = row - torch.where(torch.isfinite(dlse), dlse, torch.zeros_like(dlse))
         ds = pat.sampled(dout, v2)
-        rd, rs, dd, dsv = pat.per_row(row, ds)
-        dsv.sub_(rs)
-        dd.sub_(rd)
+        row = row.view(pat.G, pat.Lq, 1)
+        dense_part, sparse_part = pat.rows(ds)
+        dense_part.sub_(row[:, :pat.d])
+        sparse_part.sub_(row[:, pat.d:])
         ds = ds.mul_(p).mul_(scale)
         dq = pat.matrix(ds) @ k2 if ctx.needs_input_grad[0] else None
         dk = pat.matrix_t(ds) @ q2 if ctx.needs_input_grad[1] else None

@@ -19,10 +19,12 @@ from timm.models._features_fx import register_notrace_function
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 import zoo.kernels as _kernels
+from zoo.layers.inplace import gelu_fresh
 
 __all__ = ["MultiHeadAttention", "kernel_attention", "linear_residual", "inference_linear"]
 
 _SPLITS = ("qkv", "qk_v", "q_kv")
+torch.fx.wrap("gelu_fresh")     # runtime autograd branch: a leaf for torch.fx
 
 
 @torch.fx.wrap  # a leaf wherever it is called from (also from subclasses defined elsewhere)
@@ -67,11 +69,7 @@ def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
             y = _ONEDNN_LINEAR(x.reshape(-1, shape[-1]), weight, bias, "gelu", [], _GELU_APPROX[act])
         return y.view(*shape[:-1], weight.shape[0])
     y = F.linear(x, weight, bias)
-    if act is None:
-        return y
-    if is_fx_symbolic_tracing() or (torch.is_grad_enabled() and y.requires_grad):
-        return F.gelu(y, approximate=_GELU_APPROX[act])
-    return torch.ops.aten.gelu_(y, approximate=_GELU_APPROX[act])
+    return y if act is None else gelu_fresh(y, _GELU_APPROX[act])
 
 
 def linear_residual(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) -> torch.Tensor:

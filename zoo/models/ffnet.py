@@ -29,12 +29,12 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerScale2d, SEModule, get_act_layer, trunc_normal_
-from timm.layers.activations import GELU, GELUTanh
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
 
 from zoo.hub import build_model, cfg as hub_cfg
+from zoo.layers.inplace import autograd_off, gelu_approximate, gelu_fresh
 from zoo.layers.reparam import BnConvSkip, ConvBn, RepDwConv, reparameterize_modules
 
 __all__ = ['MetaMixer', 'FFBlock', 'FFNet', 'ffnified_attention', 'conv_ffn', 'conv_self_attention']
@@ -64,36 +64,13 @@ def _attend_nlc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: in
     return out.transpose(1, 2).reshape(B, N, Cv)
 
 
-def _autograd_off(*tensors: torch.Tensor) -> bool:
-    """True when no graph is being recorded through ``tensors`` (eval under no_grad/inference_mode)."""
-    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
-
-
 def _gelu_mode(act: nn.Module, producer: nn.Module) -> Optional[str]:
     """GELU flavour of ``act`` ('none' / 'tanh') when it may run in place on ``producer``'s output,
     else None. Only conv / Conv-BN / RepVGG producers qualify: their output is a fresh buffer that
     nothing else holds."""
     if not isinstance(producer, (nn.Conv2d, ConvBn, RepDwConv)):
         return None
-    if type(act) is nn.GELU:
-        return act.approximate
-    if type(act) is GELU:
-        return 'none'
-    if type(act) is GELUTanh:
-        return 'tanh'
-    return None
-
-
-def _gelu_fresh(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    """GELU of a buffer the caller owns; in place when autograd is off (same kernel, same values).
-
-    Saves one full-size allocation per mixer. On CPU such allocations (tens of MB at batch 16) come
-    back as freshly faulted pages, which is what made an out-of-place GELU cost up to 10x an
-    in-place one in profiles.
-    """
-    if _autograd_off(x):
-        return torch.ops.aten.gelu_(x, approximate=approximate)
-    return F.gelu(x, approximate=approximate)
+    return gelu_approximate(act)
 
 
 def _add_residual(shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -103,7 +80,7 @@ def _add_residual(shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     (pointer 0) and compiled graphs take the plain sum."""
     if (
             not torch.compiler.is_compiling()
-            and _autograd_off(shortcut, branch)
+            and autograd_off(shortcut, branch)
             and branch.shape == shortcut.shape
             and branch.dtype == shortcut.dtype
             and branch._base is None
@@ -115,11 +92,10 @@ def _add_residual(shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
 
 register_notrace_function(_attend_nchw)
 register_notrace_function(_attend_nlc)
-register_notrace_function(_gelu_fresh)
 register_notrace_function(_add_residual)
 # leaves for any torch.fx tracer, not only timm's (their branches read runtime autograd state)
-torch.fx.wrap('_gelu_fresh')
 torch.fx.wrap('_add_residual')
+torch.fx.wrap('gelu_fresh')
 
 
 class MetaMixer(nn.Module):
@@ -179,7 +155,7 @@ class MetaMixer(nn.Module):
             # no intermediate outlives its consumer (a held query map raised peak memory)
             gelu = _gelu_mode(self.act, self.key)
             h = self.key(self.query(x))
-            h = self.act(h) if gelu is None else _gelu_fresh(h, gelu)
+            h = self.act(h) if gelu is None else gelu_fresh(h, gelu)
             out = self.value(h)
         return self.proj(out)
 
@@ -271,12 +247,12 @@ class FFBlock(nn.Module):
 
 class Stem(nn.Sequential):
     """conv, act, conv (upstream's patch_embed); a Sequential so the keys stay ``stem.0`` / ``stem.2``.
-    A GELU may run in place on the first conv's output (see :func:`_gelu_fresh`)."""
+    A GELU may run in place on the first conv's output (see :func:`zoo.layers.inplace.gelu_fresh`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self[0](x)
         gelu = _gelu_mode(self[1], self[0])
-        return self[2](self[1](x) if gelu is None else _gelu_fresh(x, gelu))
+        return self[2](self[1](x) if gelu is None else gelu_fresh(x, gelu))
 
 
 class Downsample(nn.Module):

@@ -32,6 +32,7 @@ from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint
 
 from zoo import hub
+from zoo.layers.inplace import gelu_approximate
 from zoo.layers.mha import MultiHeadAttention, inference_linear, linear_residual
 
 __all__ = ["Tnt", "PyramidTnt", "TntBlock", "checkpoint_filter_fn"]
@@ -242,9 +243,7 @@ class TntBlock(nn.Module):
 
 def _gelu_kind(act: nn.Module) -> Optional[str]:
     """inference_linear's name for an exact / tanh GELU module, None for anything else."""
-    if type(act) is nn.GELU:
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    return None
+    return {"none": "gelu", "tanh": "gelu_tanh"}.get(gelu_approximate(act))
 
 
 def _mlp_residual(mlp: Mlp, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
