@@ -1,15 +1,22 @@
 """Reference path for `key_lists` layouts: logits only at the listed (query, key) pairs.
 
-Dense SDPA computes every Lq x Lk logit and a mask would only hide most of them. Here the B*H
-attention matrices are one block-diagonal sparse CSR matrix with K entries per query row:
-`sampled_addmm` computes the listed logits, the softmax runs on their (rows, K) view, and a
-CSR x dense product forms the output, so the work scales with K instead of Lk. The layout's dense
-rows (a cls row) are rows of the same matrix. The backward uses the same pattern and its transpose
-(built once per layout and cached on it).
+Dense SDPA computes every Lq x Lk logit and a mask would only hide most of them. Here the listed
+pairs of all B*H heads form one sparse CSR matrix with K entries per query row: `sampled_addmm`
+computes the listed logits, the softmax runs on their (rows, K) view in place, and a CSR x dense
+product forms the output, so the work scales with K instead of Lk. The layout's dense rows (a cls
+row) are plain SDPA on those few queries.
+
+No operand is copied. q, k and v are read as rows of their storage (a packed qkv projection gives
+q, k, v as strided views of one buffer; its rows are addressed directly), and the output is laid
+out like q: for a packed qkv that is (B, L, H, Dv), so merging heads afterwards is a view. The
+backward uses the same pattern and its transpose (built once per layout and geometry, cached on
+the layout).
 """
 from __future__ import annotations
 
+import threading
 import warnings
+from collections import OrderedDict
 
 import torch
 
@@ -18,13 +25,15 @@ from .layout import KeyListLayout
 __all__ = ["supports", "rowsparse_attention"]
 
 _NEG_INF = float("-inf")
+_softmax_out = torch.ops.aten._softmax.out
 
 
 def supports(layout, q, bias, score_mod) -> bool:
     """The sparse path covers plain scaled attention in fp32/fp64 (fp16/bf16 are upcast on CPU)."""
     dt = torch.float32 if (q.dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu") else q.dtype
     return (isinstance(layout, KeyListLayout) and bias is None and score_mod is None
-            and dt in (torch.float32, torch.float64) and layout.index.shape[-1] > 0)
+            and dt in (torch.float32, torch.float64) and layout.index.shape[-1] > 0
+            and layout.dense_rows < layout.q_len)
 
 
 def _csr(crow, col, values, size):
@@ -33,122 +42,309 @@ def _csr(crow, col, values, size):
         return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
-class _Pattern:
-    """Block-diagonal CSR structure of one (layout, B, H): G = B*H groups of Lq rows. In each group the
-    first d (dense) rows hold all Lk keys and the other R rows their K listed keys, so a group's
-    values are [d*Lk | R*K] and `rows(values)` gives them as (G, d, Lk) and (G, R, K) views."""
-
-    def __init__(self, layout: KeyListLayout, B: int, H: int, device):
-        d, Lk, Lq = layout.dense_rows, layout.kv_len, layout.q_len
-        idx = layout.index[:, :, d:].to(device)
-        R, K = idx.shape[2], idx.shape[3]
-        G = B * H
-        self.G, self.d, self.R, self.K, self.Lk, self.Lq = G, d, R, K, Lk, Lq
-        self.per = d * Lk + R * K                # entries per group
-        self.M, self.nnz = G * Lq, G * self.per
-        itype = torch.int32 if max(self.nnz, G * Lk) < 2 ** 31 - 1 else torch.int64
-        col = torch.empty(G, self.per, dtype=itype, device=device)    # group g's keys offset by g*Lk
-        base = torch.arange(0, G * Lk, Lk, dtype=itype, device=device)
-        if d:
-            col[:, :d * Lk] = (torch.arange(Lk, dtype=itype, device=device).repeat(d)[None] + base[:, None])
-        sparse = idx.clamp_min(0) if layout.has_pad else idx
-        torch.add(sparse.expand(B, H, R, K).reshape(B, H, R * K), base.view(B, H, 1),
-                  out=col[:, d * Lk:].view(B, H, R * K))
-        self.col = col.view(-1)
-        starts = torch.cat([torch.arange(d, device=device) * Lk, d * Lk + torch.arange(R + 1, device=device) * K])
-        crow = (torch.arange(G, device=device) * self.per)[:, None] + starts[None, :-1]
-        self.crow = torch.cat([crow.reshape(-1), torch.tensor([self.nnz], device=device)]).to(itype)
-        self.pad = (idx < 0).expand(B, H, R, K).reshape(G, R, K) if layout.has_pad else None
-        self._t = None
-        self._zeros = {}
-
-    def rows(self, values):
-        vals = values.view(self.G, self.per)
-        return vals[:, :self.d * self.Lk].view(self.G, self.d, self.Lk), vals[:, self.d * self.Lk:].view(
-            self.G, self.R, self.K)
-
-    def matrix(self, values):                   # (G*Lq, G*Lk)
-        return _csr(self.crow, self.col, values.reshape(-1), (self.M, self.G * self.Lk))
-
-    def matrix_t(self, values):                 # the transpose, (G*Lk, G*Lq)
-        if self._t is None:                     # entries counted per key, ordered by a stable sort on key
-            order = torch.sort(self.col, stable=True).indices
-            counts = torch.bincount(self.col.long(), minlength=self.G * self.Lk)
-            crow_t = torch.zeros(self.G * self.Lk + 1, dtype=self.col.dtype, device=self.col.device)
-            crow_t[1:] = counts.cumsum(0)
-            row_of = torch.repeat_interleave(torch.arange(self.M, device=self.col.device),
-                                             (self.crow[1:] - self.crow[:-1]).long())
-            self._t = (order, crow_t, row_of[order].to(self.col.dtype))
-        order, crow_t, col_t = self._t
-        return _csr(crow_t, col_t, values.reshape(-1)[order], (self.G * self.Lk, self.M))
-
-    def sampled(self, a, b, alpha=1.0):
-        """(a @ b.T) at the pattern's entries, flat (nnz,) in row order."""
-        z = self._zeros.get(a.dtype)
-        if z is None:
-            z = self._zeros[a.dtype] = torch.zeros(self.nnz, dtype=a.dtype, device=a.device)
-        return torch.sparse.sampled_addmm(self.matrix(z), a, b.t(), beta=0.0, alpha=alpha).values()
+def _row_geometry(t):
+    """(base row, per-dim row steps) if every (b, h, l) vector of `t` is a whole row of its storage
+    seen as a (rows, D) matrix; else None (the tensor is then copied once)."""
+    D = t.shape[-1]
+    st = [0 if n == 1 else s for n, s in zip(t.shape, t.stride())]
+    if (st[3] != 1 and D != 1) or t.storage_offset() % D or any(s % D for s in st[:3]):
+        return None
+    return t.storage_offset() // D, tuple(s // D for s in st[:3])
 
 
-def _softmax(pat: _Pattern, s, need_lse):
-    """Row softmax of the flat logits; fully padded rows give p = 0 and lse = -inf."""
-    ds, ss = pat.rows(s)
-    if pat.pad is not None:
-        ss = ss.masked_fill(pat.pad, _NEG_INF)
-    if not pat.d:
-        p = torch.softmax(ss, -1).reshape(-1)
+def _row_matrix(t, geom):
+    """The storage of `t` as a (rows, D) matrix reaching its last (b, h, l) row (a view, no copy)."""
+    D = t.shape[-1]
+    base, steps = geom
+    rows = base + sum((n - 1) * s for n, s in zip(t.shape[:3], steps)) + 1
+    return t.as_strided((rows, D), (D, 1), 0)
+
+
+def _rows_of(geom, B, H, L, device):
+    """(B, H, L) storage row of every vector."""
+    base, (sb, sh, sl) = geom
+    ar = lambda n, s: torch.arange(n, device=device) * s
+    return base + ar(B, sb).view(B, 1, 1) + ar(H, sh).view(1, H, 1) + ar(L, sl).view(1, 1, L)
+
+
+class _Frame:
+    """Everything about the CSR structure that does not depend on which keys are listed: row order,
+    row pointers, operand geometry. Shared by all layouts of one shape (a model builds a fresh
+    layout per layer and step; only its column indices are new).
+
+    Query rows are numbered in q's memory order (`perm` of the (B, H, L) dims) -- the "compact"
+    order, which is also the output's layout. Dense rows (l < d) are empty rows here; each sparse
+    row has K entries, so all values form one (rows, K) block."""
+
+    def __init__(self, q, k, v, B, H, Lq, Lk, d, K):
+        dev = q.device
+        R = Lq - d
+        self.shape, self.Lk, self.d, self.R, self.K = (B, H, Lq), Lk, d, R, K
+        self.M, self.nnz = B * H * Lq, B * H * R * K
+        self.geom = [_row_geometry(t) for t in (q, k, v)]
+        if self.geom[0] is not None:
+            qst = self.geom[0][1]
+            self.perm = tuple(sorted(range(3), key=lambda i: -qst[i]))
+            qrows = _rows_of(self.geom[0], B, H, Lq, dev).permute(self.perm).reshape(-1)
+            if qrows.numel() > 1 and not bool((qrows[1:] > qrows[:-1]).all()):
+                self.geom[0] = None        # overlapping or interleaved rows: use a copy of q
+        if self.geom[0] is None:
+            self.perm = (0, 1, 2)
+            qrows = torch.arange(self.M, device=dev)
+        contiguous = lambda t: (0, (t.shape[1] * t.shape[2], t.shape[2], 1))
+        self.row_geom = [g if g is not None else contiguous(t) for g, t in zip(self.geom, (q, k, v))]
+        n_qrows = int(qrows[-1]) + 1
+        big = max(self.nnz, self.M, n_qrows, B * H * Lk) >= 2 ** 31 - 1
+        self.itype = itype = torch.int64 if big else torch.int32
+        lens = torch.full((B, H, Lq), K, dtype=torch.int64, device=dev)
+        lens[:, :, :d] = 0
+        lens = lens.permute(self.perm).reshape(-1)
+        zero = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.crow = torch.cat([zero, lens.cumsum(0)]).to(itype)                # compact rows
+        crow_q = torch.zeros(n_qrows + 1, dtype=torch.int64, device=dev)       # q storage rows
+        crow_q[qrows + 1] = lens
+        self.crow_q = crow_q.cumsum(0).to(itype)
+        self.qrows = qrows.to(itype)
+        # compact row of every entry (K per sparse row), for the transposed pattern
+        self.entry_row = self.sparse_view(torch.arange(self.M, dtype=itype, device=dev)).reshape(-1, 1).expand(
+            -1, K).reshape(-1)
+        self.col_base = [_rows_of(g, B, H, 1, dev).to(itype)[..., None].permute(*self.perm, 3)
+                         for g in self.row_geom[1:]]
+        # v rows at a fixed offset from k rows (packed qkv, or separate tensors alike): the k columns
+        # address v's storage matrix shifted by that many rows
+        shift = self.row_geom[2][0] - self.row_geom[1][0]
+        self.v_shift = shift if (self.row_geom[2][1] == self.row_geom[1][1] and shift >= 0) else None
+
+    # -- views between (B, H, L, X) and compact (M, X) -------------------------------------------
+    def from_compact(self, flat, last=None):
+        """Compact (M[, X]) -> (B, H, Lq[, X]) view."""
+        inv = [self.perm.index(i) for i in range(3)]
+        sizes = [self.shape[i] for i in self.perm]
+        if last is None:
+            return flat.view(sizes).permute(inv)
+        return flat.view(*sizes, last).permute(*inv, 3)
+
+    def to_compact(self, t):
+        """(B, H, Lq, X) -> compact (M, X) (a view when t is laid out like the output)."""
+        return t.permute(*self.perm, 3).reshape(self.M, t.shape[-1])
+
+    def sparse_view(self, x):
+        """Compact (M,) -> view of its sparse rows, dims in q's memory order (entries in value order)."""
+        return x.view([self.shape[i] for i in self.perm]).narrow(self.perm.index(2), self.d, self.R)
+
+    def keys_compact(self, idx, has_pad, scale, base):
+        """(B|1, H|1, R, K) key positions -> flat `base + scale * key` in entry order (one buffer)."""
+        B, H, _ = self.shape
+        it = base.dtype
+        out = torch.empty([(B, H, self.R)[i] for i in self.perm] + [self.K], dtype=it, device=base.device)
+        out.copy_(idx.expand(B, H, self.R, self.K).permute(*self.perm, 3))
+        if has_pad:
+            out.clamp_min_(0)
+        if scale != 1:
+            out.mul_(scale)
+        return out.add_(base).view(-1)
+
+
+_FRAMES: "OrderedDict[tuple, _Frame]" = OrderedDict()
+_MAX_FRAMES = 16
+
+
+def _frame(q, k, v, layout):
+    B, H = q.shape[:2]
+    key = (B, H, layout.q_len, layout.kv_len, layout.dense_rows, layout.index.shape[-1], q.device,
+           *((t.shape[-1], t.stride(), t.storage_offset()) for t in (q, k, v)))
+    fr = _FRAMES.get(key)
+    if fr is None:
+        fr = _FRAMES[key] = _Frame(q, k, v, B, H, layout.q_len, layout.kv_len, layout.dense_rows,
+                                   layout.index.shape[-1])
+        if len(_FRAMES) > _MAX_FRAMES:
+            _FRAMES.popitem(last=False)
     else:
-        p = torch.empty_like(s)
-        dp, sp = pat.rows(p)
-        dp.copy_(torch.softmax(ds, -1))
-        sp.copy_(torch.softmax(ss, -1))
-    if pat.pad is not None:
-        p = torch.nan_to_num_(p, nan=0.0)
-    lse = None
-    if need_lse:
-        lse = torch.cat([torch.logsumexp(ds, -1), torch.logsumexp(ss, -1)], 1).reshape(-1)
-    return p, lse
+        _FRAMES.move_to_end(key)
+    return fr
+
+
+class _Pattern:
+    """The listed keys of one layout on one frame: column indices (and the transpose, on demand)."""
+
+    def __init__(self, layout: KeyListLayout, fr: _Frame):
+        self.fr = fr
+        idx = layout.index[:, :, fr.d:].to(fr.crow.device)
+        self.idx, self.has_pad = idx, layout.has_pad
+        gk, gv = fr.row_geom[1:]
+        self.col_k = fr.keys_compact(idx, layout.has_pad, gk[1][2], fr.col_base[0])
+        self.col_v = self.col_k if fr.v_shift is not None else fr.keys_compact(idx, layout.has_pad, gv[1][2],
+                                                                                 fr.col_base[1])
+        self.pad = ((idx < 0).expand(*fr.shape[:2], fr.R, fr.K).permute(*fr.perm, 3).reshape(-1, fr.K)
+                    if layout.has_pad else None)
+        self._t = None
+
+    def transpose(self):
+        """Entries grouped by key (B, H, Lk order): value order, crow, q storage row, compact row.
+        A stable int32 sort of the key ids."""
+        if self._t is None:
+            fr = self.fr
+            B, H, _ = fr.shape
+            dev, n = self.col_k.device, B * H * fr.Lk
+            it = torch.int32 if n < 2 ** 31 - 1 else torch.int64
+            base = torch.arange(0, n, fr.Lk, dtype=it, device=dev).view(B, H, 1, 1).permute(*fr.perm, 3)
+            sorted_kc, order = torch.sort(fr.keys_compact(self.idx, self.has_pad, 1, base), stable=True)
+            crow_t = torch.searchsorted(sorted_kc, torch.arange(n + 1, dtype=it, device=dev))
+            row = fr.entry_row.index_select(0, order)
+            self._t = (order, crow_t.to(fr.itype), fr.qrows.index_select(0, row), row)
+        return self._t
+
+
+_WORKSPACE = threading.local()
+
+
+def _scratch(n, dtype, device):
+    """A zeroed (n,) buffer reused across calls of this thread (inference: the logits die with the
+    call, and a fresh buffer per call costs more in page faults than the attention's softmax)."""
+    ws = getattr(_WORKSPACE, "bufs", None)
+    if ws is None:
+        ws = _WORKSPACE.bufs = {}
+    buf = ws.get((dtype, device))
+    if buf is None or buf.numel() < n:
+        buf = ws[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].zero_()
+
+
+def _sampled(crow, col, size, a, b, alpha=1.0, scratch=False):
+    """(a @ b.T) at the CSR entries as a flat (nnz,) tensor, computed in place into zeroed values
+    (the out-of-place call copies its input first). `scratch`: into the thread's reused buffer."""
+    n = col.shape[0]
+    vals = _scratch(n, a.dtype, a.device) if scratch else torch.zeros(n, dtype=a.dtype, device=a.device)
+    m = _csr(crow, col, vals, size)
+    torch.sparse.sampled_addmm(m, a, b.t(), beta=0.0, alpha=alpha, out=m)
+    return m.values()
+
+
+def _spmm(crow, col, values, size, dense):
+    """CSR (size) @ dense into a fresh output (beta=0 ignores its uninitialised contents; `mm` would
+    zero a result and copy it)."""
+    out = torch.empty(size[0], dense.shape[1], dtype=dense.dtype, device=dense.device)
+    return torch.addmm(out, _csr(crow, col, values, size), dense, beta=0.0, out=out)
+
+
+def _operands(fr, q, k, v):
+    mats = []
+    for t, g in zip((q, k, v), fr.geom):
+        if g is None:
+            t = t.contiguous()
+            g = (0, (t.shape[1] * t.shape[2], t.shape[2], 1))
+        mats.append(_row_matrix(t, g))
+    if fr.v_shift:
+        mats[2] = mats[2][fr.v_shift:]
+    return mats
+
+
+def _flash_ok(q, v):       # the CPU flash kernel (fwd/bwd, with lse) needs equal q and v head sizes
+    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+
+
+def _dense_forward(q, k, v, scale):
+    """Attention of the few dense query rows over all keys -> (out, lse); strided inputs, no copies."""
+    if _flash_ok(q, v):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul(s.sub_(lse[..., None]).exp_(), v), lse
+
+
+def _dense_backward(dout, q, k, v, out, lse, dlse, scale):
+    if _flash_ok(q, v) and dlse is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.contiguous(), q, k, v, out.contiguous(), lse, 0.0, False, scale=scale)
+    p = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).sub_(lse[..., None]).exp_()
+    row = (dout * out).sum(-1, keepdim=True)
+    if dlse is not None:
+        row = row - dlse[..., None]
+    ds = torch.matmul(dout, v.transpose(-1, -2)).sub_(row).mul_(p).mul_(scale)
+    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), torch.matmul(p.transpose(-1, -2), dout)
 
 
 class _RowSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q2, k2, v2, pat: _Pattern, scale: float, need_lse: bool):
-        p, lse = _softmax(pat, pat.sampled(q2, k2, alpha=scale), need_lse)
-        out = pat.matrix(p) @ v2
-        ctx.save_for_backward(q2, k2, v2, p, out)
+    def forward(ctx, q, k, v, pat: _Pattern, scale: float, need_lse: bool):
+        fr = pat.fr
+        rq, rk, rv = _operands(fr, q, k, v)
+        # without autograd the probabilities are not kept: compute them in the reused scratch buffer
+        s = _sampled(fr.crow_q, pat.col_k, (rq.shape[0], rk.shape[0]), rq, rk, alpha=scale,
+                     scratch=not any(ctx.needs_input_grad[:3]))
+        sv = s.view(-1, fr.K)
+        if pat.pad is not None:
+            sv.masked_fill_(pat.pad, _NEG_INF)
+        lse_s = torch.logsumexp(sv, -1) if need_lse else None
+        p = _softmax_out(sv, -1, False, out=sv)
+        if pat.pad is not None:
+            torch.nan_to_num_(p, nan=0.0)
+        out_c = _spmm(fr.crow, pat.col_v, s, (fr.M, rv.shape[0]), rv)
+        out = fr.from_compact(out_c, out_c.shape[-1])
+        lse_d = None
+        if fr.d:                                 # the few dense rows: plain attention over all keys
+            out_d, lse_d = _dense_forward(q[:, :, :fr.d], k, v, scale)
+            out[:, :, :fr.d] = out_d
+        lse = None
+        if need_lse:
+            lse_c = torch.empty(fr.M, dtype=lse_s.dtype, device=q.device)
+            lse = fr.from_compact(lse_c)
+            sp = fr.sparse_view(lse_c)
+            sp.copy_(lse_s.view(sp.shape))
+            if fr.d:
+                lse[:, :, :fr.d] = lse_d
+        ctx.save_for_backward(q, k, v, s, out_c, lse_d)
         ctx.pat, ctx.scale = pat, scale
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q2, k2, v2, p, out = ctx.saved_tensors
+        q, k, v, p, out_c, lse_d = ctx.saved_tensors
         pat, scale = ctx.pat, ctx.scale
+        fr = pat.fr
+        rq, rk, rv = _operands(fr, q, k, v)
         if dout is None:
-            dout = torch.zeros_like(out)
-        row = (dout * out).sum(-1)                          # softmax backward: p * (dP - rowsum(dO * O))
+            dout = torch.zeros_like(fr.from_compact(out_c, out_c.shape[-1]))
+        dout_c = fr.to_compact(dout)
+        row = (dout_c * out_c).sum(-1)                       # softmax backward: p * (dP - rowsum(dO * O))
         if dlse is not None:
-            row = row - torch.where(torch.isfinite(dlse), dlse, torch.zeros_like(dlse))
-        ds = pat.sampled(dout, v2)
-        row = row.view(pat.G, pat.Lq, 1)
-        dense_part, sparse_part = pat.rows(ds)
-        dense_part.sub_(row[:, :pat.d])
-        sparse_part.sub_(row[:, pat.d:])
+            dl = fr.to_compact(dlse[..., None]).view(-1)
+            row = row - torch.where(torch.isfinite(dl), dl, torch.zeros_like(dl))
+        ds = _sampled(fr.crow, pat.col_v, (fr.M, rv.shape[0]), dout_c, rv)
+        ds.view(-1, fr.K).sub_(fr.sparse_view(row).reshape(-1, 1))
         ds = ds.mul_(p).mul_(scale)
-        dq = pat.matrix(ds) @ k2 if ctx.needs_input_grad[0] else None
-        dk = pat.matrix_t(ds) @ q2 if ctx.needs_input_grad[1] else None
-        dv = pat.matrix_t(p) @ dout if ctx.needs_input_grad[2] else None
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dq = dk = dv = None
+        if need_q:
+            dq = fr.from_compact(_spmm(fr.crow, pat.col_k, ds, (fr.M, rk.shape[0]), rk), rk.shape[-1])
+        B, H, _ = fr.shape
+        if need_k or need_v:
+            order, crow_t, qrow_t, row_t = pat.transpose()
+            n = B * H * fr.Lk
+            if need_k:
+                dk = _spmm(crow_t, qrow_t, ds.index_select(0, order), (n, rq.shape[0]), rq).view(B, H, fr.Lk, -1)
+            if need_v:
+                dv = _spmm(crow_t, row_t, p.index_select(0, order), (n, fr.M), dout_c).view(B, H, fr.Lk, -1)
+        if fr.d:                                 # dense rows: their gradients added in place
+            d = fr.d
+            dl_d = dlse[:, :, :d] if dlse is not None else None
+            dq_d, dk_d, dv_d = _dense_backward(dout[:, :, :d], q[:, :, :d], k, v,
+                                               fr.from_compact(out_c, out_c.shape[-1])[:, :, :d], lse_d, dl_d, scale)
+            if need_q:
+                dq[:, :, :d] = dq_d                       # the CSR rows of dense queries are empty
+            if need_k:
+                dk.add_(dk_d)
+            if need_v:
+                dv.add_(dv_d)
         return dq, dk, dv, None, None, None
 
 
 def rowsparse_attention(q, k, v, layout: KeyListLayout, scale: float, return_lse: bool):
-    """q (B, H, Lq, D), k, v fp32/fp64 -> (out (B, H, Lq, Dv), lse (B, H, Lq) or None)."""
-    B, H, Lq, D = q.shape
-    Lk, Dv = k.shape[2], v.shape[-1]
-    key = (B, H, q.device)
-    pat = layout._cache.get(key)
+    """q (B, H, Lq, D), k, v fp32/fp64 -> (out (B, H, Lq, Dv), lse (B, H, Lq) or None).
+    The output is laid out like q (see the module docstring)."""
+    fr = _frame(q, k, v, layout)
+    pat = layout._cache.get(fr)
     if pat is None:
-        pat = layout._cache[key] = _Pattern(layout, B, H, q.device)
-    out, lse = _RowSparse.apply(q.reshape(B * H * Lq, D), k.reshape(B * H * Lk, D), v.reshape(B * H * Lk, Dv),
-                                pat, scale, return_lse)
-    return out.view(B, H, Lq, Dv), (lse.view(B, H, Lq) if return_lse else None)
+        pat = layout._cache[fr] = _Pattern(layout, fr)
+    return _RowSparse.apply(q, k, v, pat, scale, return_lse)

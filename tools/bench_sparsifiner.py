@@ -6,10 +6,13 @@ FLOPs are counted from the shapes and the *measured* masks of sparsifiner_deit_s
 224 px (1 multiply-add = 2 FLOPs): q k^T and attn @ v over the kept pairs only, with and without
 the connectivity predictor's own cost. Times interleave dense and sparse in one process (A/B/A/B,
 medians), with torch.set_num_threads(2):
-  core   - the attention op on (B, 6, 197, 64): dense SDPA (zoo.kernels.attention, layout=None) vs
-           the model's key-lists layout (logits only at kept pairs, CSR kernels) vs the same pattern
-           as a dense mask (from_dense_mask) vs kept-only gather (routed_topk with region_size 1);
-           forward, and forward+backward with --train;
+  core   - the attention op on the model's q, k, v (B, 6, 197, 64; strided views of the packed qkv
+           projection), heads merged to (B, 197, 384) as the output projection needs them: dense
+           SDPA (zoo.kernels.attention, layout=None) vs the model's key-lists layout built per call
+           (logits only at kept pairs, CSR kernels; its output is already in merged order) vs the
+           same pattern as a dense mask (from_dense_mask) vs kept-only gather (routed_topk with
+           region_size 1); forward, and forward+backward with --train. core_key_lists_contiguous:
+           the same op with a prebuilt layout and contiguous (B, H, N, D) inputs;
   module - one whole attention layer (qkv, predictor, attention, proj), dense mode vs sparse mode.
 """
 import argparse
@@ -80,23 +83,32 @@ def main():
     idx = approx.topk(keep_count(args.keep, N), -1, sorted=False).indices     # (B, H, N-1, K)
     idx = torch.cat([idx[:, :, :1], idx], 2)            # row 0 (cls) filled with any k; dense below
 
+    merge = lambda o: o.transpose(1, 2).reshape(B, N, H * D)      # what the output projection reads
+
     def core_dense():
-        return attention(q, k, v, scale=scale)
+        return merge(attention(q, k, v, scale=scale))
 
     def core_mask():
-        return attention(q, k, v, lay, scale=scale)
+        return merge(attention(q, k, v, lay, scale=scale))
 
     def core_lists():      # a fresh layout per call: its CSR pattern is built inside the timing
-        return attention(q, k, v, key_lists(conn.index, N, dense_rows=1, validate=False), scale=scale)
+        return merge(attention(q, k, v, key_lists(conn.index, N, dense_rows=1, validate=False), scale=scale))
+
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    lay_lists = key_lists(conn.index, N, dense_rows=1, validate=False)
+
+    def core_lists_contiguous():
+        return merge(attention(qc, kc, vc, lay_lists, scale=scale))
 
     def core_gather():
         o = attention(q, k, v, routed_topk(idx, 1), scale=scale)
         o0 = attention(q[:, :, :1], k, v, scale=scale)
-        return torch.cat([o0, o[:, :, 1:]], 2)
+        return merge(torch.cat([o0, o[:, :, 1:]], 2))
 
     with torch.no_grad():
         torch.testing.assert_close(core_gather(), core_mask(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(core_lists(), core_mask(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(core_lists_contiguous(), core_mask(), rtol=1e-4, atol=1e-5)
     qkv = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     g = torch.randn_like(q)
 
@@ -112,7 +124,8 @@ def main():
             return attn_mod(x)
         return run
 
-    res = {k: [] for k in ("core_dense_sdpa", "core_key_lists", "core_mask_layout", "core_gather_routed",
+    res = {k: [] for k in ("core_dense_sdpa", "core_key_lists", "core_key_lists_contiguous", "core_mask_layout",
+                           "core_gather_routed",
                            "module_dense", "module_sparse", "train_dense_sdpa", "train_key_lists")}
     for _ in range(args.rounds):
         if args.train:
@@ -121,6 +134,7 @@ def main():
         with torch.no_grad():
             res["core_dense_sdpa"].append(timeit(core_dense, args.iters))
             res["core_key_lists"].append(timeit(core_lists, args.iters))
+            res["core_key_lists_contiguous"].append(timeit(core_lists_contiguous, args.iters))
             res["core_mask_layout"].append(timeit(core_mask, args.iters))
             if not args.no_gather:
                 res["core_gather_routed"].append(timeit(core_gather, 1))
@@ -136,6 +150,7 @@ def main():
         reduction_with_predictor=1 - flops["sparse_total"] / flops["dense"],
         time_ms_median=med,
         ratio_key_lists_vs_sdpa=med["core_key_lists"] / med["core_dense_sdpa"],
+        ratio_key_lists_contiguous_vs_sdpa=med["core_key_lists_contiguous"] / med["core_dense_sdpa"],
         ratio_mask_vs_sdpa=med["core_mask_layout"] / med["core_dense_sdpa"],
         ratio_module_sparse_vs_dense=med["module_sparse"] / med["module_dense"],
     )

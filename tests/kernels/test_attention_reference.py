@@ -419,3 +419,79 @@ def test_routed_many_small_regions_take_the_dense_mask_sdpa_path(monkeypatch):
     g = torch.randn_like(o1)
     for a, b in zip(torch.autograd.grad((o1 * g).sum(), (q, k, v)), torch.autograd.grad((o2 * g).sum(), (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8)
+
+
+def _geometry(name, B, H, Lq, Lk, D):
+    """q, k, v (fp64 leaves) and the (B, H, L, D) views handed to the op, in several memory layouts."""
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    if name == "packed_qkv":                      # (B, L, 3, H, D) from one projection; Lq == Lk
+        qkv = r(B, Lq, 3, H, D).requires_grad_(True)
+        return [qkv], lambda qkv: qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    if name == "heads_last":                      # (B, L, H, D) transposed
+        ts = [r(B, Lq, H, D).requires_grad_(True), r(B, Lk, H, D).requires_grad_(True),
+              r(B, Lk, H, D).requires_grad_(True)]
+        return ts, lambda q, k, v: (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    if name == "kv_shared_heads":                 # one k/v head expanded (stride 0) over H
+        ts = [r(B, H, Lq, D).requires_grad_(True), r(B, 1, Lk, D).requires_grad_(True),
+              r(B, 1, Lk, D).requires_grad_(True)]
+        return ts, lambda q, k, v: (q, k.expand(B, H, Lk, D), v.expand(B, H, Lk, D))
+    if name == "q_strided_dim":                   # every other channel: not whole rows -> copied
+        ts = [r(B, H, Lq, 2 * D).requires_grad_(True), r(B, H, Lk, D).requires_grad_(True),
+              r(B, Lk, H, D).requires_grad_(True)]
+        return ts, lambda q, k, v: (q[..., ::2], k, v.transpose(1, 2))
+    if name == "q_expanded_heads":                # one q head read by all H: overlapping rows -> copied
+        ts = [r(B, 1, Lq, D).requires_grad_(True), r(B, H, Lk, D).requires_grad_(True),
+              r(B, H, Lk, D).requires_grad_(True)]
+        return ts, lambda q, k, v: (q.expand(B, H, Lq, D), k, v)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("with_lse", [True, False])
+@pytest.mark.parametrize("dense_rows,idx_shape", [(1, "full"), (0, "batch_bcast"), (2, "head_bcast")])
+@pytest.mark.parametrize("geometry", ["packed_qkv", "heads_last", "kv_shared_heads", "q_strided_dim",
+                                      "q_expanded_heads"])
+def test_key_lists_any_operand_layout(geometry, dense_rows, idx_shape, with_lse):
+    """The CSR path reads q, k, v in place (packed qkv, transposed, stride-0 heads) or copies them when
+    their vectors are not whole storage rows; forward, lse and all gradients equal the oracle (with an
+    lse gradient, and without one, where the dense rows take the fused CPU kernel's backward)."""
+    from zoo.kernels import rowsparse
+    B, H, L, D = 2, 3, 12, 4
+    leaves, views = _geometry(geometry, B, H, L, L, D)
+    q, k, v = views(*leaves)
+    ib, ih = {"full": (B, H), "batch_bcast": (1, H), "head_bcast": (B, 1)}[idx_shape]
+    idx = _key_lists(ib, ih, L, L, 5, seed=4)
+    lay = zk.key_lists(idx, L, dense_rows=dense_rows)
+    assert rowsparse.supports(lay, q, None, None)
+    o1, l1 = zk.attention(q, k, v, lay, scale=0.4, return_lse=True)
+    o2, l2 = dense_oracle(q, k, v, lay, scale=0.4)
+    fin = torch.isfinite(l2)
+    assert torch.equal(torch.isfinite(l1), fin)
+    torch.testing.assert_close(o1, o2, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(l1[fin], l2[fin], atol=1e-12, rtol=1e-10)
+    go, gl = torch.randn_like(o1), torch.randn_like(l1) * with_lse
+    if not with_lse:
+        o1 = zk.attention(q, k, v, lay, scale=0.4)
+    lse_term = lambda l: (torch.where(fin, l, 0) * gl).sum() if with_lse else 0
+    g1 = torch.autograd.grad((o1 * go).sum() + lse_term(l1), leaves)
+    g2 = torch.autograd.grad((o2 * go).sum() + lse_term(l2), leaves)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+    pat = next(iter(lay._cache.values()))
+    copied = [gm is None for gm in pat.fr.geom]
+    assert copied[0] == (geometry in ("q_strided_dim", "q_expanded_heads")) and not any(copied[1:])
+    if geometry == "packed_qkv":     # output laid out like q: merging heads is a view
+        assert o1.transpose(1, 2).is_contiguous()
+        o1.transpose(1, 2).view(B, L, H * D)
+
+
+def test_key_lists_gradcheck_packed_qkv():
+    from torch.autograd import gradcheck
+    B, H, L, D = 1, 2, 7, 3
+    leaves, views = _geometry("packed_qkv", B, H, L, L, D)
+    lay = zk.key_lists(_key_lists(B, H, L, L, 3, seed=5), L, dense_rows=1)
+
+    def fn(t):
+        o, l = zk.attention(*views(t), lay, return_lse=True)
+        return o, torch.where(torch.isfinite(l), l, torch.zeros_like(l))
+    assert gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
