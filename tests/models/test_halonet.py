@@ -343,3 +343,41 @@ def test_config_loads_and_builds(path):
 def test_configs_exist():
     names = {p.name for p in _configs()}
     assert any('digits' in n for n in names) and any('in1k' in n for n in names), names
+
+
+def test_inference_norms_and_residuals_run_in_place_with_equal_outputs():
+    """Eval without autograd: every ConvNormAct's norm+act writes into its conv's output and blocks add
+    the shortcut in place; the logits are bitwise those of timm's out-of-place classes on the same
+    weights, match timm and the autograd path, the input is left untouched, and the module tree / state dict keys are timm's."""
+    from zoo.layers.inplace import FreshConvNormAct
+    torch.manual_seed(0)
+    ref = _randomize_norms(timm.create_model('halonet26t')).eval()
+    ours = timm.create_model('halonet26t_zoo').eval()
+    ours.load_state_dict(checkpoint_filter_fn(ref.state_dict(), ours), strict=True)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    convs = [m for m in ours.modules() if isinstance(m, FreshConvNormAct)]
+    assert len(convs) == sum(type(m).__name__ == 'ConvNormAct' for m in ref.modules())
+    seen = {}
+    conv = convs[3]
+    conv.conv.register_forward_hook(lambda m, i, o: seen.__setitem__('conv', o.data_ptr()))
+    conv.register_forward_hook(lambda m, i, o: seen.__setitem__('out', o.data_ptr()))
+    x = torch.randn(1, 3, 256, 256)
+    x0 = x.clone()
+    with torch.no_grad():
+        fast = ours(x)
+        assert seen['out'] == seen['conv']                 # in place
+        want = ref(x)
+    assert torch.equal(x, x0)
+    slow = ours(x)                                          # autograd on: out of place
+    assert seen['out'] != seen['conv']
+    assert (fast - want).abs().max().item() <= 1e-5
+    torch.testing.assert_close(slow.detach(), fast, rtol=0, atol=1e-5)   # autograd may pick other op paths
+    # against the same model with timm's out-of-place classes: bitwise equal
+    from zoo.models.halonet import _FRESH
+    back = {v: k for k, v in _FRESH.items()}
+    for m in ours.modules():
+        m.__class__ = back.get(type(m), type(m))
+    with torch.no_grad():
+        assert torch.equal(ours(x), fast)
+    slow.sum().backward()                                   # and the autograd path still trains
+    assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
