@@ -4,13 +4,14 @@ Dense SDPA computes every Lq x Lk logit and a mask would only hide most of them.
 pairs of all B*H heads form one sparse CSR matrix with K entries per query row: `sampled_addmm`
 computes the listed logits, the softmax runs on their (rows, K) view in place, and a CSR x dense
 product forms the output, so the work scales with K instead of Lk. The layout's dense rows (a cls
-row) are plain SDPA on those few queries.
+row) are a second, small CSR over all keys, added into the same output.
 
 No operand is copied. q, k and v are read as rows of their storage (a packed qkv projection gives
 q, k, v as strided views of one buffer; its rows are addressed directly), and the output is laid
 out like q: for a packed qkv that is (B, L, H, Dv), so merging heads afterwards is a view. The
-backward uses the same pattern and its transpose (built once per layout and geometry, cached on
-the layout).
+backward computes dq on the same pattern; dk and dv come from the entries scattered into a dense
+(B, H, Lq, Lk) scratch buffer and two batched GEMMs on small maps, else from the transposed
+pattern (entries sorted by key, built once per layout and cached on it).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from .layout import KeyListLayout
 __all__ = ["supports", "rowsparse_attention"]
 
 _NEG_INF = float("-inf")
+# backward: maps of up to this many (B, H, Lq, Lk) elements take dk, dv from a dense scratch buffer
+DENSE_TRANSPOSE_MAX = 1 << 24
 _softmax_out = torch.ops.aten._softmax.out
 
 
@@ -96,24 +99,42 @@ class _Frame:
         n_qrows = int(qrows[-1]) + 1
         big = max(self.nnz, self.M, n_qrows, B * H * Lk) >= 2 ** 31 - 1
         self.itype = itype = torch.int64 if big else torch.int32
-        lens = torch.full((B, H, Lq), K, dtype=torch.int64, device=dev)
-        lens[:, :, :d] = 0
-        lens = lens.permute(self.perm).reshape(-1)
-        zero = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.crow = torch.cat([zero, lens.cumsum(0)]).to(itype)                # compact rows
-        crow_q = torch.zeros(n_qrows + 1, dtype=torch.int64, device=dev)       # q storage rows
-        crow_q[qrows + 1] = lens
-        self.crow_q = crow_q.cumsum(0).to(itype)
         self.qrows = qrows.to(itype)
+        self.n_qrows = n_qrows
         # compact row of every entry (K per sparse row), for the transposed pattern
         self.entry_row = self.sparse_view(torch.arange(self.M, dtype=itype, device=dev)).reshape(-1, 1).expand(
             -1, K).reshape(-1)
-        self.col_base = [_rows_of(g, B, H, 1, dev).to(itype)[..., None].permute(*self.perm, 3)
-                         for g in self.row_geom[1:]]
+        self.col_base = [_rows_of(g, B, H, 1, dev).to(itype)[..., None] for g in self.row_geom[1:]]
         # v rows at a fixed offset from k rows (packed qkv, or separate tensors alike): the k columns
         # address v's storage matrix shifted by that many rows
         shift = self.row_geom[2][0] - self.row_geom[1][0]
         self.v_shift = shift if (self.row_geom[2][1] == self.row_geom[1][1] and shift >= 0) else None
+        # the sparse rows' structure (K entries each) and the dense rows' (all Lk keys), as two CSRs
+        self.crow, self.crow_q = self._row_pointers(d, Lq, K)
+        if d:
+            self.crow_d, self.crow_dq = self._row_pointers(0, d, Lk)
+            keys = torch.arange(Lk, device=dev).expand(1, 1, d, Lk)
+            self.col_dk = self.columns(keys, False, 0, d, 1)
+            self.col_dv = self.col_dk if self.v_shift is not None else self.columns(keys, False, 0, d, 2)
+
+    def _row_pointers(self, r0, r1, n):
+        """CSR row pointers over compact rows and over q's storage rows when rows l in [r0, r1) hold n
+        entries each and all others none."""
+        B, H, Lq = self.shape
+        dev = self.qrows.device
+        lens = torch.zeros(B, H, Lq, dtype=torch.int64, device=dev)
+        lens[:, :, r0:r1] = n
+        lens = lens.permute(self.perm).reshape(-1)
+        crow = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(self.itype)
+        crow_q = torch.zeros(self.n_qrows + 1, dtype=torch.int64, device=dev)
+        crow_q[self.qrows.long() + 1] = lens
+        return crow, crow_q.cumsum(0).to(self.itype)
+
+    def columns(self, idx, has_pad, l0, n_rows, which):
+        """Storage rows of key positions idx (B|1, H|1, n_rows, X) for query rows l0.. of k (which=1)
+        or v (2), flat in entry order (written into one fresh buffer)."""
+        g = self.row_geom[which]
+        return self.keys_compact(idx, has_pad, g[1][2], self.col_base[which - 1], n_rows)
 
     # -- views between (B, H, L, X) and compact (M, X) -------------------------------------------
     def from_compact(self, flat, last=None):
@@ -128,16 +149,36 @@ class _Frame:
         """(B, H, Lq, X) -> compact (M, X) (a view when t is laid out like the output)."""
         return t.permute(*self.perm, 3).reshape(self.M, t.shape[-1])
 
+    def entries_view(self, x):
+        """Flat (nnz,) values in entry order -> (B, H, R, K) view."""
+        sizes = [(self.shape[0], self.shape[1], self.R)[i] for i in self.perm]
+        inv = [self.perm.index(i) for i in range(3)]
+        return x.view(*sizes, self.K).permute(*inv, 3)
+
+    def dense_entries_view(self, x):
+        """Flat dense-row values (entry order) -> (B, H, d, Lk) view."""
+        sizes = [(self.shape[0], self.shape[1], self.d)[i] for i in self.perm]
+        inv = [self.perm.index(i) for i in range(3)]
+        return x.view(*sizes, self.Lk).permute(*inv, 3)
+
+    def dense_view(self, x):
+        """Compact (M,) -> view of its dense rows, dims in q's memory order."""
+        return x.view([self.shape[i] for i in self.perm]).narrow(self.perm.index(2), 0, self.d)
+
     def sparse_view(self, x):
         """Compact (M,) -> view of its sparse rows, dims in q's memory order (entries in value order)."""
         return x.view([self.shape[i] for i in self.perm]).narrow(self.perm.index(2), self.d, self.R)
 
-    def keys_compact(self, idx, has_pad, scale, base):
-        """(B|1, H|1, R, K) key positions -> flat `base + scale * key` in entry order (one buffer)."""
+    def keys_compact(self, idx, has_pad, scale, base, n_rows=None):
+        """(B|1, H|1, n_rows, X) key positions -> flat `base + scale * key` in entry order (one
+        buffer); base broadcasts to (B, H, n_rows, 1)."""
         B, H, _ = self.shape
+        n_rows = self.R if n_rows is None else n_rows
+        X = idx.shape[-1]
         it = base.dtype
-        out = torch.empty([(B, H, self.R)[i] for i in self.perm] + [self.K], dtype=it, device=base.device)
-        out.copy_(idx.expand(B, H, self.R, self.K).permute(*self.perm, 3))
+        base = base.expand(B, H, n_rows, 1).permute(*self.perm, 3)
+        out = torch.empty([(B, H, n_rows)[i] for i in self.perm] + [X], dtype=it, device=base.device)
+        out.copy_(idx.expand(B, H, n_rows, X).permute(*self.perm, 3))
         if has_pad:
             out.clamp_min_(0)
         if scale != 1:
@@ -171,10 +212,8 @@ class _Pattern:
         self.fr = fr
         idx = layout.index[:, :, fr.d:].to(fr.crow.device)
         self.idx, self.has_pad = idx, layout.has_pad
-        gk, gv = fr.row_geom[1:]
-        self.col_k = fr.keys_compact(idx, layout.has_pad, gk[1][2], fr.col_base[0])
-        self.col_v = self.col_k if fr.v_shift is not None else fr.keys_compact(idx, layout.has_pad, gv[1][2],
-                                                                                 fr.col_base[1])
+        self.col_k = fr.columns(idx, layout.has_pad, fr.d, fr.R, 1)
+        self.col_v = self.col_k if fr.v_shift is not None else fr.columns(idx, layout.has_pad, fr.d, fr.R, 2)
         self.pad = ((idx < 0).expand(*fr.shape[:2], fr.R, fr.K).permute(*fr.perm, 3).reshape(-1, fr.K)
                     if layout.has_pad else None)
         self._t = None
@@ -187,7 +226,7 @@ class _Pattern:
             B, H, _ = fr.shape
             dev, n = self.col_k.device, B * H * fr.Lk
             it = torch.int32 if n < 2 ** 31 - 1 else torch.int64
-            base = torch.arange(0, n, fr.Lk, dtype=it, device=dev).view(B, H, 1, 1).permute(*fr.perm, 3)
+            base = torch.arange(0, n, fr.Lk, dtype=it, device=dev).view(B, H, 1, 1)
             sorted_kc, order = torch.sort(fr.keys_compact(self.idx, self.has_pad, 1, base), stable=True)
             crow_t = torch.searchsorted(sorted_kc, torch.arange(n + 1, dtype=it, device=dev))
             row = fr.entry_row.index_select(0, order)
@@ -239,68 +278,44 @@ def _operands(fr, q, k, v):
     return mats
 
 
-def _flash_ok(q, v):       # the CPU flash kernel (fwd/bwd, with lse) needs equal q and v head sizes
-    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
-
-
-def _dense_forward(q, k, v, scale):
-    """Attention of the few dense query rows over all keys -> (out, lse); strided inputs, no copies."""
-    if _flash_ok(q, v):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    lse = torch.logsumexp(s, -1)
-    return torch.matmul(s.sub_(lse[..., None]).exp_(), v), lse
-
-
-def _dense_backward(dout, q, k, v, out, lse, dlse, scale):
-    if _flash_ok(q, v) and dlse is None:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q, k, v, out.contiguous(), lse, 0.0, False, scale=scale)
-    p = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).sub_(lse[..., None]).exp_()
-    row = (dout * out).sum(-1, keepdim=True)
-    if dlse is not None:
-        row = row - dlse[..., None]
-    ds = torch.matmul(dout, v.transpose(-1, -2)).sub_(row).mul_(p).mul_(scale)
-    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), torch.matmul(p.transpose(-1, -2), dout)
-
-
 class _RowSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pat: _Pattern, scale: float, need_lse: bool):
         fr = pat.fr
         rq, rk, rv = _operands(fr, q, k, v)
+        sizes = (rq.shape[0], rk.shape[0])
         # without autograd the probabilities are not kept: compute them in the reused scratch buffer
-        s = _sampled(fr.crow_q, pat.col_k, (rq.shape[0], rk.shape[0]), rq, rk, alpha=scale,
-                     scratch=not any(ctx.needs_input_grad[:3]))
+        s = _sampled(fr.crow_q, pat.col_k, sizes, rq, rk, alpha=scale, scratch=not any(ctx.needs_input_grad[:3]))
         sv = s.view(-1, fr.K)
         if pat.pad is not None:
             sv.masked_fill_(pat.pad, _NEG_INF)
         lse_s = torch.logsumexp(sv, -1) if need_lse else None
-        p = _softmax_out(sv, -1, False, out=sv)
+        _softmax_out(sv, -1, False, out=sv)
         if pat.pad is not None:
-            torch.nan_to_num_(p, nan=0.0)
+            torch.nan_to_num_(sv, nan=0.0)
         out_c = _spmm(fr.crow, pat.col_v, s, (fr.M, rv.shape[0]), rv)
-        out = fr.from_compact(out_c, out_c.shape[-1])
-        lse_d = None
-        if fr.d:                                 # the few dense rows: plain attention over all keys
-            out_d, lse_d = _dense_forward(q[:, :, :fr.d], k, v, scale)
-            out[:, :, :fr.d] = out_d
+        p_d = lse_d = None
+        if fr.d:                         # dense rows: all keys, a second CSR; their output rows are empty so far
+            p_d = _sampled(fr.crow_dq, fr.col_dk, sizes, rq, rk, alpha=scale)
+            pv = p_d.view(-1, fr.Lk)
+            lse_d = torch.logsumexp(pv, -1) if need_lse else None
+            _softmax_out(pv, -1, False, out=pv)
+            out_c.addmm_(_csr(fr.crow_d, fr.col_dv, p_d, (fr.M, rv.shape[0])), rv)
         lse = None
         if need_lse:
             lse_c = torch.empty(fr.M, dtype=lse_s.dtype, device=q.device)
+            for view, vals in ((fr.sparse_view(lse_c), lse_s), (fr.dense_view(lse_c), lse_d)):
+                if vals is not None:
+                    view.copy_(vals.view(view.shape))
             lse = fr.from_compact(lse_c)
-            sp = fr.sparse_view(lse_c)
-            sp.copy_(lse_s.view(sp.shape))
-            if fr.d:
-                lse[:, :, :fr.d] = lse_d
-        ctx.save_for_backward(q, k, v, s, out_c, lse_d)
+        ctx.save_for_backward(q, k, v, s, p_d, out_c)
         ctx.pat, ctx.scale = pat, scale
         ctx.set_materialize_grads(False)
-        return out, lse
+        return fr.from_compact(out_c, out_c.shape[-1]), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, p, out_c, lse_d = ctx.saved_tensors
+        q, k, v, p, p_d, out_c = ctx.saved_tensors
         pat, scale = ctx.pat, ctx.scale
         fr = pat.fr
         rq, rk, rv = _operands(fr, q, k, v)
@@ -314,29 +329,52 @@ class _RowSparse(torch.autograd.Function):
         ds = _sampled(fr.crow, pat.col_v, (fr.M, rv.shape[0]), dout_c, rv)
         ds.view(-1, fr.K).sub_(fr.sparse_view(row).reshape(-1, 1))
         ds = ds.mul_(p).mul_(scale)
+        ds_d = None
+        if fr.d:
+            ds_d = _sampled(fr.crow_d, fr.col_dv, (fr.M, rv.shape[0]), dout_c, rv)
+            ds_d.view(-1, fr.Lk).sub_(fr.dense_view(row).reshape(-1, 1))
+            ds_d = ds_d.mul_(p_d).mul_(scale)
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         dq = dk = dv = None
         if need_q:
-            dq = fr.from_compact(_spmm(fr.crow, pat.col_k, ds, (fr.M, rk.shape[0]), rk), rk.shape[-1])
+            dq_c = _spmm(fr.crow, pat.col_k, ds, (fr.M, rk.shape[0]), rk)
+            if fr.d:
+                dq_c.addmm_(_csr(fr.crow_d, fr.col_dk, ds_d, (fr.M, rk.shape[0])), rk)
+            dq = fr.from_compact(dq_c, rk.shape[-1])
         B, H, _ = fr.shape
-        if need_k or need_v:
+        if (need_k or need_v) and B * H * fr.shape[2] * fr.Lk <= DENSE_TRANSPOSE_MAX:
+            # small maps: scatter the entries into a dense (B, H, Lq, Lk) scratch buffer and use
+            # batched GEMMs; cheaper than sorting the entries by key for a transposed CSR
+            buf = _scratch(B * H * fr.shape[2] * fr.Lk, p.dtype, p.device).view(B, H, fr.shape[2], fr.Lk)
+            key = (pat.idx.clamp_min(0) if pat.has_pad else pat.idx).expand(B, H, fr.R, fr.K)
+            # padded slots point at key 0 with value 0 and may share it with a real entry: add
+            put = buf[:, :, fr.d:].scatter_add_ if pat.has_pad else buf[:, :, fr.d:].scatter_
+            jobs = [(name, sparse, dense, rhs) for name, need, sparse, dense, rhs in
+                    (("k", need_k, ds, ds_d, q), ("v", need_v, p, p_d, dout)) if need]
+            for i, (name, sparse, dense, rhs) in enumerate(jobs):
+                if i:
+                    buf.zero_()
+                put(-1, key, fr.entries_view(sparse))
+                if fr.d:
+                    buf[:, :, :fr.d] = fr.dense_entries_view(dense)
+                grad = torch.matmul(buf.transpose(-1, -2), rhs)
+                if name == "k":
+                    dk = grad
+                else:
+                    dv = grad
+        elif need_k or need_v:
             order, crow_t, qrow_t, row_t = pat.transpose()
             n = B * H * fr.Lk
             if need_k:
                 dk = _spmm(crow_t, qrow_t, ds.index_select(0, order), (n, rq.shape[0]), rq).view(B, H, fr.Lk, -1)
             if need_v:
                 dv = _spmm(crow_t, row_t, p.index_select(0, order), (n, fr.M), dout_c).view(B, H, fr.Lk, -1)
-        if fr.d:                                 # dense rows: their gradients added in place
-            d = fr.d
-            dl_d = dlse[:, :, :d] if dlse is not None else None
-            dq_d, dk_d, dv_d = _dense_backward(dout[:, :, :d], q[:, :, :d], k, v,
-                                               fr.from_compact(out_c, out_c.shape[-1])[:, :, :d], lse_d, dl_d, scale)
-            if need_q:
-                dq[:, :, :d] = dq_d                       # the CSR rows of dense queries are empty
-            if need_k:
-                dk.add_(dk_d)
-            if need_v:
-                dv.add_(dv_d)
+            if fr.d:                     # the dense rows' share: small (Lk x d) products
+                d = fr.d
+                if need_k:
+                    dk.add_(torch.matmul(fr.dense_entries_view(ds_d).transpose(-1, -2), q[:, :, :d]))
+                if need_v:
+                    dv.add_(torch.matmul(fr.dense_entries_view(p_d).transpose(-1, -2), dout[:, :, :d]))
         return dq, dk, dv, None, None, None
 
 

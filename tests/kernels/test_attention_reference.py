@@ -453,8 +453,8 @@ def _geometry(name, B, H, Lq, Lk, D):
                                       "q_expanded_heads"])
 def test_key_lists_any_operand_layout(geometry, dense_rows, idx_shape, with_lse):
     """The CSR path reads q, k, v in place (packed qkv, transposed, stride-0 heads) or copies them when
-    their vectors are not whole storage rows; forward, lse and all gradients equal the oracle (with an
-    lse gradient, and without one, where the dense rows take the fused CPU kernel's backward)."""
+    their vectors are not whole storage rows; forward, lse and all gradients equal the oracle, with
+    and without a gradient flowing into the lse."""
     from zoo.kernels import rowsparse
     B, H, L, D = 2, 3, 12, 4
     leaves, views = _geometry(geometry, B, H, L, L, D)
@@ -483,6 +483,24 @@ def test_key_lists_any_operand_layout(geometry, dense_rows, idx_shape, with_lse)
     if geometry == "packed_qkv":     # output laid out like q: merging heads is a view
         assert o1.transpose(1, 2).is_contiguous()
         o1.transpose(1, 2).view(B, L, H * D)
+
+
+@pytest.mark.parametrize("geometry", ["packed_qkv", "kv_shared_heads", "q_expanded_heads"])
+def test_key_lists_sparse_transpose_backward(geometry, monkeypatch):
+    """Large maps take dk, dv from the transposed CSR (entries sorted by key) instead of the dense
+    scratch buffer: same gradients."""
+    from zoo.kernels import rowsparse
+    monkeypatch.setattr(rowsparse, "DENSE_TRANSPOSE_MAX", 0)
+    B, H, L, D = 2, 3, 12, 4
+    leaves, views = _geometry(geometry, B, H, L, L, D)
+    q, k, v = views(*leaves)
+    lay = zk.key_lists(_key_lists(B, H, L, L, 5, seed=6), L, dense_rows=1)
+    o1 = zk.attention(q, k, v, lay, scale=0.4)
+    o2, _ = dense_oracle(q, k, v, lay, scale=0.4)
+    go = torch.randn_like(o1)
+    for a, b in zip(torch.autograd.grad(o1, leaves, go), torch.autograd.grad(o2, leaves, go)):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+    assert next(iter(lay._cache.values()))._t is not None      # the sorted transpose was used
 
 
 def test_key_lists_gradcheck_packed_qkv():
