@@ -92,22 +92,28 @@ class HaloBottleneckBlock(nn.Module):
             self.self_attn.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.conv1_1x1(x)
-        x = self.self_attn(x)
-        x = norm_act_fresh(self.post_attn, x)
-        x = self.conv3_1x1(x)
-        x = self.drop_path(x)
-        if self.shortcut is not None:
-            x = add_fresh(x, self.shortcut(shortcut))
-        return self.act(x)
+        return _self_attn_block_forward(self, x)
 
 
 # Inference on fresh buffers. In eval mode without autograd, each conv's norm+act and each block's
 # residual add run in place on buffers the block just created, instead of allocating new ones (on
 # CPU a fresh activation of a 64x64 stage at batch 16 is 67 MB of newly faulted pages). The same
-# kernels in the same order: outputs are bitwise equal to the out-of-place path. timm's blocks are swapped for
-# these subclasses by class; they add no state, so names, checkpoints and training are unchanged.
+# kernels in the same order: outputs are bitwise equal to the out-of-place path. timm's blocks
+# are swapped for these subclasses by class; they add no state, so names, checkpoints and
+# training are unchanged.
+def _self_attn_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """conv1 -> conv2 -> self-attention -> norm+act -> conv3 -> drop-path + shortcut -> act."""
+    shortcut = x
+    x = block.conv1_1x1(x)
+    x = block.conv2_kxk(x)
+    x = block.self_attn(x)
+    x = norm_act_fresh(block.post_attn, x)
+    x = block.conv3_1x1(x)
+    x = block.drop_path(x)
+    if block.shortcut is not None:
+        x = add_fresh(x, block.shortcut(shortcut))
+    return block.act(x)
+
 class _FreshBottleneckBlock(BottleneckBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -125,16 +131,7 @@ class _FreshBottleneckBlock(BottleneckBlock):
 
 class _FreshSelfAttnBlock(SelfAttnBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.conv1_1x1(x)
-        x = self.conv2_kxk(x)
-        x = self.self_attn(x)
-        x = norm_act_fresh(self.post_attn, x)
-        x = self.conv3_1x1(x)
-        x = self.drop_path(x)
-        if self.shortcut is not None:
-            x = add_fresh(x, self.shortcut(shortcut))
-        return self.act(x)
+        return _self_attn_block_forward(self, x)
 
 
 _FRESH = {ConvNormAct: FreshConvNormAct, BottleneckBlock: _FreshBottleneckBlock, SelfAttnBlock: _FreshSelfAttnBlock}
