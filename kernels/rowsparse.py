@@ -36,7 +36,7 @@ def supports(layout, q, bias, score_mod) -> bool:
     dt = torch.float32 if (q.dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu") else q.dtype
     return (isinstance(layout, KeyListLayout) and bias is None and score_mod is None
             and dt in (torch.float32, torch.float64) and layout.index.shape[-1] > 0
-            and layout.dense_rows < layout.q_len)
+            and layout.dense_rows < layout.q_len and q.numel() > 0)
 
 
 def _csr(crow, col, values, size):
@@ -55,12 +55,14 @@ def _row_geometry(t):
     return t.storage_offset() // D, tuple(s // D for s in st[:3])
 
 
+def _storage_rows(t, geom):
+    base, steps = geom
+    return base + sum((n - 1) * s for n, s in zip(t.shape[:3], steps)) + 1
+
+
 def _row_matrix(t, geom):
     """The storage of `t` as a (rows, D) matrix reaching its last (b, h, l) row (a view, no copy)."""
-    D = t.shape[-1]
-    base, steps = geom
-    rows = base + sum((n - 1) * s for n, s in zip(t.shape[:3], steps)) + 1
-    return t.as_strided((rows, D), (D, 1), 0)
+    return t.as_strided((_storage_rows(t, geom), t.shape[-1]), (t.shape[-1], 1), 0)
 
 
 def _rows_of(geom, B, H, L, device):
@@ -97,7 +99,8 @@ class _Frame:
         contiguous = lambda t: (0, (t.shape[1] * t.shape[2], t.shape[2], 1))
         self.row_geom = [g if g is not None else contiguous(t) for g, t in zip(self.geom, (q, k, v))]
         n_qrows = int(qrows[-1]) + 1
-        big = max(self.nnz, self.M, n_qrows, B * H * Lk) >= 2 ** 31 - 1
+        kv_rows = [_storage_rows(t, g) for t, g in zip((k, v), self.row_geom[1:])]
+        big = max(self.nnz, self.M, n_qrows, B * H * Lk, B * H * d * Lk, *kv_rows) >= 2 ** 31 - 1
         self.itype = itype = torch.int64 if big else torch.int32
         self.qrows = qrows.to(itype)
         self.n_qrows = n_qrows
@@ -114,8 +117,8 @@ class _Frame:
         if d:
             self.crow_d, self.crow_dq = self._row_pointers(0, d, Lk)
             keys = torch.arange(Lk, device=dev).expand(1, 1, d, Lk)
-            self.col_dk = self.columns(keys, False, 0, d, 1)
-            self.col_dv = self.col_dk if self.v_shift is not None else self.columns(keys, False, 0, d, 2)
+            self.col_dk = self.columns(keys, False, d, 1)
+            self.col_dv = self.col_dk if self.v_shift is not None else self.columns(keys, False, d, 2)
 
     def _row_pointers(self, r0, r1, n):
         """CSR row pointers over compact rows and over q's storage rows when rows l in [r0, r1) hold n
@@ -130,9 +133,9 @@ class _Frame:
         crow_q[self.qrows.long() + 1] = lens
         return crow, crow_q.cumsum(0).to(self.itype)
 
-    def columns(self, idx, has_pad, l0, n_rows, which):
-        """Storage rows of key positions idx (B|1, H|1, n_rows, X) for query rows l0.. of k (which=1)
-        or v (2), flat in entry order (written into one fresh buffer)."""
+    def columns(self, idx, has_pad, n_rows, which):
+        """Storage rows of k (which=1) or v (2) at key positions idx (B|1, H|1, n_rows, X), flat in
+        entry order (written into one fresh buffer)."""
         g = self.row_geom[which]
         return self.keys_compact(idx, has_pad, g[1][2], self.col_base[which - 1], n_rows)
 
@@ -188,20 +191,23 @@ class _Frame:
 
 _FRAMES: "OrderedDict[tuple, _Frame]" = OrderedDict()
 _MAX_FRAMES = 16
+_FRAMES_LOCK = threading.Lock()
 
 
 def _frame(q, k, v, layout):
     B, H = q.shape[:2]
     key = (B, H, layout.q_len, layout.kv_len, layout.dense_rows, layout.index.shape[-1], q.device,
            *((t.shape[-1], t.stride(), t.storage_offset()) for t in (q, k, v)))
-    fr = _FRAMES.get(key)
-    if fr is None:
-        fr = _FRAMES[key] = _Frame(q, k, v, B, H, layout.q_len, layout.kv_len, layout.dense_rows,
-                                   layout.index.shape[-1])
-        if len(_FRAMES) > _MAX_FRAMES:
+    with _FRAMES_LOCK:
+        fr = _FRAMES.get(key)
+        if fr is not None:
+            _FRAMES.move_to_end(key)
+            return fr
+    fr = _Frame(q, k, v, B, H, layout.q_len, layout.kv_len, layout.dense_rows, layout.index.shape[-1])
+    with _FRAMES_LOCK:
+        _FRAMES[key] = fr
+        while len(_FRAMES) > _MAX_FRAMES:
             _FRAMES.popitem(last=False)
-    else:
-        _FRAMES.move_to_end(key)
     return fr
 
 
@@ -212,8 +218,8 @@ class _Pattern:
         self.fr = fr
         idx = layout.index[:, :, fr.d:].to(fr.crow.device)
         self.idx, self.has_pad = idx, layout.has_pad
-        self.col_k = fr.columns(idx, layout.has_pad, fr.d, fr.R, 1)
-        self.col_v = self.col_k if fr.v_shift is not None else fr.columns(idx, layout.has_pad, fr.d, fr.R, 2)
+        self.col_k = fr.columns(idx, layout.has_pad, fr.R, 1)
+        self.col_v = self.col_k if fr.v_shift is not None else fr.columns(idx, layout.has_pad, fr.R, 2)
         self.pad = ((idx < 0).expand(*fr.shape[:2], fr.R, fr.K).permute(*fr.perm, 3).reshape(-1, fr.K)
                     if layout.has_pad else None)
         self._t = None
@@ -243,9 +249,10 @@ def _scratch(n, dtype, device):
     ws = getattr(_WORKSPACE, "bufs", None)
     if ws is None:
         ws = _WORKSPACE.bufs = {}
-    buf = ws.get((dtype, device))
+    key = (dtype, device, torch.is_inference_mode_enabled())    # inference tensors stay in inference mode
+    buf = ws.get(key)
     if buf is None or buf.numel() < n:
-        buf = ws[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+        buf = ws[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].zero_()
 
 
@@ -269,11 +276,11 @@ def _spmm(crow, col, values, size, dense):
 def _operands(fr, q, k, v):
     mats = []
     for t, g in zip((q, k, v), fr.geom):
-        if g is None:
-            t = t.contiguous()
+        if g is None:               # a fresh contiguous copy at storage offset 0 (the frame's geometry)
+            t = t.clone(memory_format=torch.contiguous_format)
             g = (0, (t.shape[1] * t.shape[2], t.shape[2], 1))
         mats.append(_row_matrix(t, g))
-    if fr.v_shift:
+    if fr.v_shift:                  # None (own columns) or 0 (same rows as k): nothing to shift
         mats[2] = mats[2][fr.v_shift:]
     return mats
 
@@ -314,6 +321,7 @@ class _RowSparse(torch.autograd.Function):
         return fr.from_compact(out_c, out_c.shape[-1]), lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, p, p_d, out_c = ctx.saved_tensors
         pat, scale = ctx.pat, ctx.scale
@@ -384,5 +392,7 @@ def rowsparse_attention(q, k, v, layout: KeyListLayout, scale: float, return_lse
     fr = _frame(q, k, v, layout)
     pat = layout._cache.get(fr)
     if pat is None:
+        if len(layout._cache) >= _MAX_FRAMES:
+            layout._cache.clear()
         pat = layout._cache[fr] = _Pattern(layout, fr)
     return _RowSparse.apply(q, k, v, pat, scale, return_lse)

@@ -53,3 +53,32 @@ def test_add_fresh():
         assert torch.equal(add_fresh(a2, b), a2 + b)        # would need broadcasting into x: out of place
     ag = a.clone().requires_grad_(True)
     assert torch.equal(add_fresh(ag, b).detach(), a + b) and ag.grad is None
+
+
+def test_batch_norm_fresh_out_of_place_when_the_norm_itself_trains():
+    """Frozen input, trainable affine under autograd: must stay differentiable (out of place)."""
+    bn = _bn()
+    x = torch.randn(2, 5, 4, 3)
+    out = batch_norm_fresh(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    out.sum().backward()
+    assert bn.weight.grad is not None and out.data_ptr() != x.data_ptr()
+
+
+def test_hooks_keep_what_they_saw_and_norm_hooks_fire():
+    from timm.layers import ConvNormAct
+    from zoo.layers.inplace import FreshConvNormAct
+    torch.manual_seed(0)
+    m = ConvNormAct(3, 4, 3).eval()
+    ref = ConvNormAct(3, 4, 3).eval()
+    ref.load_state_dict(m.state_dict())
+    m.__class__ = FreshConvNormAct
+    seen, calls = {}, []
+    h1 = m.conv.register_forward_hook(lambda mod, i, o: seen.__setitem__('conv', (o, o.clone())))
+    h2 = m.bn.register_forward_hook(lambda mod, i, o: calls.append(1))
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        out = m(x)
+        assert torch.equal(out, ref(x))
+    kept, copy = seen['conv']
+    assert torch.equal(kept, copy) and calls == [1]
+    h1.remove(), h2.remove()

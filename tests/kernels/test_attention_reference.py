@@ -513,3 +513,26 @@ def test_key_lists_gradcheck_packed_qkv():
         o, l = zk.attention(*views(t), lay, return_lse=True)
         return o, torch.where(torch.isfinite(l), l, torch.zeros_like(l))
     assert gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
+
+
+def test_key_lists_operands_at_odd_storage_offsets_and_modes():
+    """Contiguous q/k/v at a storage offset that is not a row multiple are copied (not misread);
+    the reused inference buffer works across inference_mode / no_grad / autograd; an empty batch
+    falls back cleanly."""
+    torch.manual_seed(0)
+    B, H, L, D = 2, 2, 9, 4
+    flat = torch.randn(1 + 3 * B * H * L * D, dtype=torch.float64)
+    q, k, v = (flat[1 + i * B * H * L * D: 1 + (i + 1) * B * H * L * D].view(B, H, L, D) for i in range(3))
+    lay = zk.key_lists(_key_lists(B, H, L, L, 3, seed=7), L, dense_rows=1)
+    want, _ = dense_oracle(q, k, v, lay)
+    torch.testing.assert_close(zk.attention(q, k, v, lay), want)
+    with torch.inference_mode():
+        torch.testing.assert_close(zk.attention(q, k, v, lay), want)
+    with torch.no_grad():
+        torch.testing.assert_close(zk.attention(q, k, v, lay), want)
+    qg = q.clone().requires_grad_(True)
+    kg = k.clone().requires_grad_(True)
+    zk.attention(qg, kg, v, lay).sum().backward()
+    assert kg.grad is not None and torch.isfinite(kg.grad).all()
+    e = torch.zeros(0, H, L, D)
+    assert zk.attention(e, e, e, zk.key_lists(torch.zeros(1, H, L, 2, dtype=torch.long) + torch.arange(2), L)).shape == e.shape

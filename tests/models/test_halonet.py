@@ -345,10 +345,12 @@ def test_configs_exist():
     assert any('digits' in n for n in names) and any('in1k' in n for n in names), names
 
 
-def test_inference_norms_and_residuals_run_in_place_with_equal_outputs():
+def test_inference_norms_and_residuals_run_in_place_with_equal_outputs(monkeypatch):
     """Eval without autograd: every ConvNormAct's norm+act writes into its conv's output and blocks add
     the shortcut in place; the logits are bitwise those of timm's out-of-place classes on the same
-    weights, match timm and the autograd path, the input is left untouched, and the module tree / state dict keys are timm's."""
+    weights, match timm and the autograd path, the input is left untouched, and the module tree /
+    state dict keys are timm's."""
+    import zoo.layers.inplace as inplace
     from zoo.layers.inplace import FreshConvNormAct
     torch.manual_seed(0)
     ref = _randomize_norms(timm.create_model('halonet26t')).eval()
@@ -357,19 +359,25 @@ def test_inference_norms_and_residuals_run_in_place_with_equal_outputs():
     assert list(ours.state_dict()) == list(ref.state_dict())
     convs = [m for m in ours.modules() if isinstance(m, FreshConvNormAct)]
     assert len(convs) == sum(type(m).__name__ == 'ConvNormAct' for m in ref.modules())
-    seen = {}
-    conv = convs[3]
-    conv.conv.register_forward_hook(lambda m, i, o: seen.__setitem__('conv', o.data_ptr()))
-    conv.register_forward_hook(lambda m, i, o: seen.__setitem__('out', o.data_ptr()))
+    in_place = []
+    real = inplace.batch_norm_fresh
+
+    def spy(x, *args):
+        out = real(x, *args)
+        in_place.append(out.data_ptr() == x.data_ptr())
+        return out
+    monkeypatch.setattr(inplace, 'batch_norm_fresh', spy)
     x = torch.randn(1, 3, 256, 256)
     x0 = x.clone()
     with torch.no_grad():
         fast = ours(x)
-        assert seen['out'] == seen['conv']                 # in place
         want = ref(x)
+    n_norms = sum(type(m).__name__ == 'BatchNormAct2d' for m in ref.modules())
+    assert len(in_place) == n_norms and all(in_place)          # every norm, in place
     assert torch.equal(x, x0)
-    slow = ours(x)                                          # autograd on: out of place
-    assert seen['out'] != seen['conv']
+    in_place.clear()
+    slow = ours(x)                                              # autograd on: out of place
+    assert in_place and not any(in_place)
     assert (fast - want).abs().max().item() <= 1e-5
     torch.testing.assert_close(slow.detach(), fast, rtol=0, atol=1e-5)   # autograd may pick other op paths
     # against the same model with timm's out-of-place classes: bitwise equal
@@ -381,3 +389,17 @@ def test_inference_norms_and_residuals_run_in_place_with_equal_outputs():
         assert torch.equal(ours(x), fast)
     slow.sum().backward()                                   # and the autograd path still trains
     assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+
+
+def test_inference_in_place_respects_forward_hooks():
+    """A forward hook that keeps a layer's output (feature extraction, debugging) must find it
+    unchanged after the block goes on: hooked outputs are not modified in place."""
+    torch.manual_seed(0)
+    model = _randomize_norms(timm.create_model('halonet26t_zoo')).eval()
+    kept = []
+    blk = model.stages[3][1]
+    for mod in (blk.self_attn, blk.conv3_1x1, model.stages[1][0].conv3_1x1):
+        mod.register_forward_hook(lambda m, i, o: kept.append((o, o.clone())))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 256, 256))
+    assert len(kept) == 3 and all(torch.equal(a, b) for a, b in kept)

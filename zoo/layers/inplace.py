@@ -15,7 +15,7 @@ from timm.layers.activations import GELU, GELUTanh
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 __all__ = ["autograd_off", "gelu_approximate", "gelu_fresh", "batch_norm_fresh", "add_fresh", "norm_act_fresh",
-           "FreshConvNormAct"]
+           "hooks_see", "FreshConvNormAct"]
 
 
 def autograd_off(*tensors: torch.Tensor) -> bool:
@@ -50,21 +50,29 @@ def _in_place_ok(*tensors: torch.Tensor) -> bool:
     return autograd_off(*tensors) and not torch.compiler.is_compiling()
 
 
+def hooks_see(*modules: nn.Module) -> bool:
+    """True when a forward hook may keep a module's output (then it must not be changed in place)."""
+    from torch.nn.modules import module as _m
+    return bool(_m._global_forward_hooks) or any(bool(m._forward_hooks) for m in modules)
+
+
 def batch_norm_fresh(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                      running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
     """Eval-mode batch norm (running statistics) of a buffer the caller owns: in place when
     autograd is off (the same kernel writing into its input), else ``F.batch_norm``."""
-    if _in_place_ok(x) and (weight is None or weight.dtype == x.dtype):
-        none = x.new_empty(0)
+    affine = [t for t in (weight, bias) if t is not None]
+    if _in_place_ok(x, *affine) and all(t.dtype == x.dtype for t in affine):
+        unused = x.new_empty(0)          # batch statistics: not computed in eval mode
         torch.ops.aten.native_batch_norm.out(x, weight, bias, running_mean, running_var, False, 0.0, eps,
-                                             out=x, save_mean=none, save_invstd=x.new_empty(0))
+                                             out=x, save_mean=unused, save_invstd=x.new_empty(0))
         return x
     return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
 
 
 def add_fresh(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x + y`` into ``x`` (a buffer the caller owns) when autograd is off."""
-    if _in_place_ok(x, y) and x.shape == torch.broadcast_shapes(x.shape, y.shape):
+    if (_in_place_ok(x, y) and x.shape == torch.broadcast_shapes(x.shape, y.shape)
+            and torch.result_type(x, y) == x.dtype):
         return x.add_(y)
     return x + y
 
@@ -76,8 +84,12 @@ torch.fx.wrap("batch_norm_fresh")      # for plain torch.fx in this module's cal
 
 def norm_act_fresh(norm_act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A timm ``BatchNormAct2d`` in eval mode on a buffer the caller owns (norm in place, then its
-    activation, which timm builds in-place); any other module or mode is simply called."""
-    if type(norm_act) is BatchNormAct2d and not norm_act.training and norm_act.running_mean is not None:
+    activation, which timm builds in-place); any other module or mode, or one with hooks (they
+    would not fire otherwise), is simply called."""
+    from torch.nn.modules import module as _m
+    if (type(norm_act) is BatchNormAct2d and not norm_act.training and norm_act.running_mean is not None
+            and not (norm_act._forward_hooks or norm_act._forward_pre_hooks
+                     or _m._global_forward_hooks or _m._global_forward_pre_hooks)):
         x = batch_norm_fresh(x, norm_act.weight, norm_act.bias, norm_act.running_mean, norm_act.running_var,
                              norm_act.eps)
         return norm_act.act(norm_act.drop(x))
@@ -91,6 +103,7 @@ class FreshConvNormAct(ConvNormAct):
     it adds no state."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = norm_act_fresh(self.bn, self.conv(x))
+        x = self.conv(x)
+        x = self.bn(x) if hooks_see(self.conv) else norm_act_fresh(self.bn, x)
         aa = getattr(self, 'aa', None)
         return aa(x) if aa is not None else x
