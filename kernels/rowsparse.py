@@ -104,9 +104,6 @@ class _Frame:
         self.itype = itype = torch.int64 if big else torch.int32
         self.qrows = qrows.to(itype)
         self.n_qrows = n_qrows
-        # compact row of every entry (K per sparse row), for the transposed pattern
-        self.entry_row = self.sparse_view(torch.arange(self.M, dtype=itype, device=dev)).reshape(-1, 1).expand(
-            -1, K).reshape(-1)
         self.col_base = [_rows_of(g, B, H, 1, dev).to(itype)[..., None] for g in self.row_geom[1:]]
         # v rows at a fixed offset from k rows (packed qkv, or separate tensors alike): the k columns
         # address v's storage matrix shifted by that many rows
@@ -117,8 +114,8 @@ class _Frame:
         if d:
             self.crow_d, self.crow_dq = self._row_pointers(0, d, Lk)
             keys = torch.arange(Lk, device=dev).expand(1, 1, d, Lk)
-            self.col_dk = self.columns(keys, False, d, 1)
-            self.col_dv = self.col_dk if self.v_shift is not None else self.columns(keys, False, d, 2)
+            self.col_dk = self.columns(keys, False, 1)
+            self.col_dv = self.col_dk if self.v_shift is not None else self.columns(keys, False, 2)
 
     def _row_pointers(self, r0, r1, n):
         """CSR row pointers over compact rows and over q's storage rows when rows l in [r0, r1) hold n
@@ -133,11 +130,11 @@ class _Frame:
         crow_q[self.qrows.long() + 1] = lens
         return crow, crow_q.cumsum(0).to(self.itype)
 
-    def columns(self, idx, has_pad, n_rows, which):
-        """Storage rows of k (which=1) or v (2) at key positions idx (B|1, H|1, n_rows, X), flat in
+    def columns(self, idx, has_pad, which):
+        """Storage rows of k (which=1) or v (2) at key positions idx (B|1, H|1, rows, X), flat in
         entry order (written into one fresh buffer)."""
         g = self.row_geom[which]
-        return self.keys_compact(idx, has_pad, g[1][2], self.col_base[which - 1], n_rows)
+        return self.keys_compact(idx, has_pad, g[1][2], self.col_base[which - 1])
 
     # -- views between (B, H, L, X) and compact (M, X) -------------------------------------------
     def from_compact(self, flat, last=None):
@@ -152,32 +149,23 @@ class _Frame:
         """(B, H, Lq, X) -> compact (M, X) (a view when t is laid out like the output)."""
         return t.permute(*self.perm, 3).reshape(self.M, t.shape[-1])
 
-    def entries_view(self, x):
-        """Flat (nnz,) values in entry order -> (B, H, R, K) view."""
-        sizes = [(self.shape[0], self.shape[1], self.R)[i] for i in self.perm]
+    def entries_view(self, x, rows, width):
+        """Flat values in entry order of `rows` rows per (b, h) with `width` entries each -> (B, H,
+        rows, width) view (rows = R, width = K: the sparse entries; d, Lk: the dense rows')."""
+        sizes = [(self.shape[0], self.shape[1], rows)[i] for i in self.perm]
         inv = [self.perm.index(i) for i in range(3)]
-        return x.view(*sizes, self.K).permute(*inv, 3)
+        return x.view(*sizes, width).permute(*inv, 3)
 
-    def dense_entries_view(self, x):
-        """Flat dense-row values (entry order) -> (B, H, d, Lk) view."""
-        sizes = [(self.shape[0], self.shape[1], self.d)[i] for i in self.perm]
-        inv = [self.perm.index(i) for i in range(3)]
-        return x.view(*sizes, self.Lk).permute(*inv, 3)
+    def rows_view(self, x, start, length):
+        """Compact (M,) -> view of the query rows l in [start, start + length), dims in q's memory
+        order (for the sparse rows, that is their entries' order)."""
+        return x.view([self.shape[i] for i in self.perm]).narrow(self.perm.index(2), start, length)
 
-    def dense_view(self, x):
-        """Compact (M,) -> view of its dense rows, dims in q's memory order."""
-        return x.view([self.shape[i] for i in self.perm]).narrow(self.perm.index(2), 0, self.d)
-
-    def sparse_view(self, x):
-        """Compact (M,) -> view of its sparse rows, dims in q's memory order (entries in value order)."""
-        return x.view([self.shape[i] for i in self.perm]).narrow(self.perm.index(2), self.d, self.R)
-
-    def keys_compact(self, idx, has_pad, scale, base, n_rows=None):
-        """(B|1, H|1, n_rows, X) key positions -> flat `base + scale * key` in entry order (one
-        buffer); base broadcasts to (B, H, n_rows, 1)."""
+    def keys_compact(self, idx, has_pad, scale, base):
+        """(B|1, H|1, rows, X) key positions -> flat `base + scale * key` in entry order (one
+        buffer); base broadcasts to (B, H, rows, 1)."""
         B, H, _ = self.shape
-        n_rows = self.R if n_rows is None else n_rows
-        X = idx.shape[-1]
+        n_rows, X = idx.shape[2:]
         it = base.dtype
         base = base.expand(B, H, n_rows, 1).permute(*self.perm, 3)
         out = torch.empty([(B, H, n_rows)[i] for i in self.perm] + [X], dtype=it, device=base.device)
@@ -218,8 +206,8 @@ class _Pattern:
         self.fr = fr
         idx = layout.index[:, :, fr.d:].to(fr.crow.device)
         self.idx, self.has_pad = idx, layout.has_pad
-        self.col_k = fr.columns(idx, layout.has_pad, fr.R, 1)
-        self.col_v = self.col_k if fr.v_shift is not None else fr.columns(idx, layout.has_pad, fr.R, 2)
+        self.col_k = fr.columns(idx, layout.has_pad, 1)
+        self.col_v = self.col_k if fr.v_shift is not None else fr.columns(idx, layout.has_pad, 2)
         self.pad = ((idx < 0).expand(*fr.shape[:2], fr.R, fr.K).permute(*fr.perm, 3).reshape(-1, fr.K)
                     if layout.has_pad else None)
         self._t = None
@@ -235,7 +223,8 @@ class _Pattern:
             base = torch.arange(0, n, fr.Lk, dtype=it, device=dev).view(B, H, 1, 1)
             sorted_kc, order = torch.sort(fr.keys_compact(self.idx, self.has_pad, 1, base), stable=True)
             crow_t = torch.searchsorted(sorted_kc, torch.arange(n + 1, dtype=it, device=dev))
-            row = fr.entry_row.index_select(0, order)
+            sparse_rows = fr.rows_view(torch.arange(fr.M, dtype=fr.itype, device=dev), fr.d, fr.R).reshape(-1)
+            row = sparse_rows.repeat_interleave(fr.K).index_select(0, order)      # compact row of each entry
             self._t = (order, crow_t.to(fr.itype), fr.qrows.index_select(0, row), row)
         return self._t
 
@@ -311,7 +300,7 @@ class _RowSparse(torch.autograd.Function):
         lse = None
         if need_lse:
             lse_c = torch.empty(fr.M, dtype=lse_s.dtype, device=q.device)
-            for view, vals in ((fr.sparse_view(lse_c), lse_s), (fr.dense_view(lse_c), lse_d)):
+            for view, vals in ((fr.rows_view(lse_c, fr.d, fr.R), lse_s), (fr.rows_view(lse_c, 0, fr.d), lse_d)):
                 if vals is not None:
                     view.copy_(vals.view(view.shape))
             lse = fr.from_compact(lse_c)
@@ -335,12 +324,12 @@ class _RowSparse(torch.autograd.Function):
             dl = fr.to_compact(dlse[..., None]).view(-1)
             row = row - torch.where(torch.isfinite(dl), dl, torch.zeros_like(dl))
         ds = _sampled(fr.crow, pat.col_v, (fr.M, rv.shape[0]), dout_c, rv)
-        ds.view(-1, fr.K).sub_(fr.sparse_view(row).reshape(-1, 1))
+        ds.view(-1, fr.K).sub_(fr.rows_view(row, fr.d, fr.R).reshape(-1, 1))
         ds = ds.mul_(p).mul_(scale)
         ds_d = None
         if fr.d:
             ds_d = _sampled(fr.crow_d, fr.col_dv, (fr.M, rv.shape[0]), dout_c, rv)
-            ds_d.view(-1, fr.Lk).sub_(fr.dense_view(row).reshape(-1, 1))
+            ds_d.view(-1, fr.Lk).sub_(fr.rows_view(row, 0, fr.d).reshape(-1, 1))
             ds_d = ds_d.mul_(p_d).mul_(scale)
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         dq = dk = dv = None
@@ -356,20 +345,21 @@ class _RowSparse(torch.autograd.Function):
             buf = _scratch(B * H * fr.shape[2] * fr.Lk, p.dtype, p.device).view(B, H, fr.shape[2], fr.Lk)
             key = (pat.idx.clamp_min(0) if pat.has_pad else pat.idx).expand(B, H, fr.R, fr.K)
             # padded slots point at key 0 with value 0 and may share it with a real entry: add
-            put = buf[:, :, fr.d:].scatter_add_ if pat.has_pad else buf[:, :, fr.d:].scatter_
-            jobs = [(name, sparse, dense, rhs) for name, need, sparse, dense, rhs in
-                    (("k", need_k, ds, ds_d, q), ("v", need_v, p, p_d, dout)) if need]
-            for i, (name, sparse, dense, rhs) in enumerate(jobs):
-                if i:
-                    buf.zero_()
-                put(-1, key, fr.entries_view(sparse))
+            sparse_part = buf[:, :, fr.d:]
+            put = sparse_part.scatter_add_ if pat.has_pad else sparse_part.scatter_
+
+            def transposed_product(sparse, dense, rhs):       # (entries as a dense matrix)^T @ rhs
+                put(-1, key, fr.entries_view(sparse, fr.R, fr.K))
                 if fr.d:
-                    buf[:, :, :fr.d] = fr.dense_entries_view(dense)
-                grad = torch.matmul(buf.transpose(-1, -2), rhs)
-                if name == "k":
-                    dk = grad
-                else:
-                    dv = grad
+                    buf[:, :, :fr.d] = fr.entries_view(dense, fr.d, fr.Lk)
+                return torch.matmul(buf.transpose(-1, -2), rhs)
+
+            if need_k:
+                dk = transposed_product(ds, ds_d, q)
+            if need_v:
+                if need_k:
+                    buf.zero_()
+                dv = transposed_product(p, p_d, dout)
         elif need_k or need_v:
             order, crow_t, qrow_t, row_t = pat.transpose()
             n = B * H * fr.Lk
@@ -380,9 +370,9 @@ class _RowSparse(torch.autograd.Function):
             if fr.d:                     # the dense rows' share: small (Lk x d) products
                 d = fr.d
                 if need_k:
-                    dk.add_(torch.matmul(fr.dense_entries_view(ds_d).transpose(-1, -2), q[:, :, :d]))
+                    dk.add_(torch.matmul(fr.entries_view(ds_d, fr.d, fr.Lk).transpose(-1, -2), q[:, :, :d]))
                 if need_v:
-                    dv.add_(torch.matmul(fr.dense_entries_view(p_d).transpose(-1, -2), dout[:, :, :d]))
+                    dv.add_(torch.matmul(fr.entries_view(p_d, fr.d, fr.Lk).transpose(-1, -2), dout[:, :, :d]))
         return dq, dk, dv, None, None, None
 
 
