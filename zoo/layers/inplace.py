@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, ConvNormAct
 from timm.layers.activations import GELU, GELUTanh
 from timm.models._features_fx import register_notrace_function, register_notrace_module
+from torch.nn.modules import module as _module
 
 __all__ = ["autograd_off", "gelu_approximate", "gelu_fresh", "batch_norm_fresh", "add_fresh", "norm_act_fresh",
-           "hooks_see", "FreshConvNormAct"]
+           "residual_fresh", "FreshConvNormAct"]
 
 
 def autograd_off(*tensors: torch.Tensor) -> bool:
@@ -50,10 +51,9 @@ def _in_place_ok(*tensors: torch.Tensor) -> bool:
     return autograd_off(*tensors) and not torch.compiler.is_compiling()
 
 
-def hooks_see(*modules: nn.Module) -> bool:
+def _hooks_see(*producers: nn.Module) -> bool:
     """True when a forward hook may keep a module's output (then it must not be changed in place)."""
-    from torch.nn.modules import module as _m
-    return bool(_m._global_forward_hooks) or any(bool(m._forward_hooks) for m in modules)
+    return bool(_module._global_forward_hooks) or any(bool(m._forward_hooks) for m in producers)
 
 
 def batch_norm_fresh(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -79,21 +79,28 @@ def add_fresh(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 register_notrace_function(batch_norm_fresh)
 register_notrace_function(add_fresh)
-torch.fx.wrap("batch_norm_fresh")      # for plain torch.fx in this module's callers
+torch.fx.wrap("batch_norm_fresh")      # for plain torch.fx through the helpers below
+torch.fx.wrap("add_fresh")
 
 
-def norm_act_fresh(norm_act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+# The helpers below take the modules that produced `x` (``producers``): a forward hook on one of
+# them may keep x, so x is then not changed in place.
+def norm_act_fresh(norm_act: nn.Module, x: torch.Tensor, *producers: nn.Module) -> torch.Tensor:
     """A timm ``BatchNormAct2d`` in eval mode on a buffer the caller owns (norm in place, then its
-    activation, which timm builds in-place); any other module or mode, or one with hooks (they
-    would not fire otherwise), is simply called."""
-    from torch.nn.modules import module as _m
+    activation, which timm builds in-place); any other module or mode, or hooks on the norm (they
+    would not fire otherwise) or on the producers, and the module is simply called."""
+    pre_hooked = norm_act._forward_pre_hooks or _module._global_forward_pre_hooks
     if (type(norm_act) is BatchNormAct2d and not norm_act.training and norm_act.running_mean is not None
-            and not (norm_act._forward_hooks or norm_act._forward_pre_hooks
-                     or _m._global_forward_hooks or _m._global_forward_pre_hooks)):
+            and not pre_hooked and not _hooks_see(norm_act, *producers)):
         x = batch_norm_fresh(x, norm_act.weight, norm_act.bias, norm_act.running_mean, norm_act.running_var,
                              norm_act.eps)
         return norm_act.act(norm_act.drop(x))
     return norm_act(x)
+
+
+def residual_fresh(x: torch.Tensor, shortcut: torch.Tensor, *producers: nn.Module) -> torch.Tensor:
+    """``x + shortcut``, into x (a buffer the caller owns) when autograd is off and no hook saw x."""
+    return x + shortcut if _hooks_see(*producers) else add_fresh(x, shortcut)
 
 
 @register_notrace_module
@@ -103,7 +110,6 @@ class FreshConvNormAct(ConvNormAct):
     it adds no state."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        x = self.bn(x) if hooks_see(self.conv) else norm_act_fresh(self.bn, x)
+        x = norm_act_fresh(self.bn, self.conv(x), self.conv)
         aa = getattr(self, 'aa', None)
         return aa(x) if aa is not None else x

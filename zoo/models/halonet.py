@@ -24,19 +24,16 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, make_divisible
+from timm.layers import ConvNormAct, DropPath, make_divisible
 from timm.models import generate_default_cfgs, register_model
-from timm.layers import ConvNormAct
 from timm.models.byobnet import (
     BottleneckBlock, ByoBlockCfg, ByoModelCfg, ByobNet, LayerFn, SelfAttnBlock, create_shortcut, interleave_blocks)
 
 from zoo import hub
 from zoo.layers.halo_attention import BottleneckRelPosAttention, HaloAttention
-from zoo.layers.inplace import FreshConvNormAct, add_fresh, hooks_see, norm_act_fresh
+from zoo.layers.inplace import FreshConvNormAct, norm_act_fresh, residual_fresh
 
 __all__ = ['HaloBottleneckBlock', 'checkpoint_filter_fn']
-
-torch.fx.wrap('add_fresh')
 
 
 class HaloBottleneckBlock(nn.Module):
@@ -100,25 +97,20 @@ class HaloBottleneckBlock(nn.Module):
 # CPU a fresh activation of a 64x64 stage at batch 16 is 67 MB of newly faulted pages). The same
 # kernels in the same order: outputs are bitwise equal to the out-of-place path. timm's blocks
 # are swapped for these subclasses by class; they add no state, so names, checkpoints and
-# training are unchanged.
-# A tensor a forward hook has seen may be kept by it, so it is not changed in place (`hooks_see`).
+# training are unchanged. Outputs a forward hook has seen are left alone.
 def _self_attn_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """conv1 -> conv2 -> self-attention -> norm+act -> conv3 -> drop-path + shortcut -> act."""
     shortcut = x
     x = block.conv1_1x1(x)
     x = block.conv2_kxk(x)
     x = block.self_attn(x)
-    x = block.post_attn(x) if hooks_see(block.self_attn) else norm_act_fresh(block.post_attn, x)
+    x = norm_act_fresh(block.post_attn, x, block.self_attn)
     x = block.conv3_1x1(x)
     x = block.drop_path(x)
     if block.shortcut is not None:
-        x = _residual(x, block.shortcut(shortcut), block.conv3_1x1, block.drop_path)
+        x = residual_fresh(x, block.shortcut(shortcut), block.conv3_1x1, block.drop_path)
     return block.act(x)
 
-
-def _residual(x: torch.Tensor, shortcut: torch.Tensor, *producers: nn.Module) -> torch.Tensor:
-    """x + shortcut, into x when no hook has seen x (the output of ``producers``)."""
-    return x + shortcut if hooks_see(*producers) else add_fresh(x, shortcut)
 
 class _FreshBottleneckBlock(BottleneckBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +123,7 @@ class _FreshBottleneckBlock(BottleneckBlock):
         x = self.attn_last(x)
         x = self.drop_path(x)
         if self.shortcut is not None:
-            x = _residual(x, self.shortcut(shortcut), self.conv3_1x1, self.attn_last, self.drop_path)
+            x = residual_fresh(x, self.shortcut(shortcut), self.conv3_1x1, self.attn_last, self.drop_path)
         return self.act(x)
 
 
