@@ -70,9 +70,13 @@ def batch_norm_fresh(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
 
 
 def add_fresh(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x + y`` into ``x`` (a buffer the caller owns) when autograd is off."""
+    """``x + y``, accumulated into ``x`` when autograd is off and x is a separate buffer of the
+    result's shape and dtype (bitwise the same sum, one allocation less); ``y`` is never written.
+    Storage pointers are the alias test (inference_mode does not track view bases); meta tensors
+    (pointer 0) and compiled graphs take the plain sum."""
     if (_in_place_ok(x, y) and x.shape == torch.broadcast_shapes(x.shape, y.shape)
-            and torch.result_type(x, y) == x.dtype):
+            and torch.result_type(x, y) == x.dtype and x._base is None
+            and x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()):
         return x.add_(y)
     return x + y
 

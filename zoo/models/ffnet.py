@@ -34,7 +34,7 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
 
 from zoo.hub import build_model, cfg as hub_cfg
-from zoo.layers.inplace import autograd_off, gelu_approximate, gelu_fresh
+from zoo.layers.inplace import gelu_approximate, gelu_fresh, residual_fresh
 from zoo.layers.reparam import BnConvSkip, ConvBn, RepDwConv, reparameterize_modules
 
 __all__ = ['MetaMixer', 'FFBlock', 'FFNet', 'ffnified_attention', 'conv_ffn', 'conv_self_attention']
@@ -73,28 +73,9 @@ def _gelu_mode(act: nn.Module, producer: nn.Module) -> Optional[str]:
     return gelu_approximate(act)
 
 
-def _add_residual(shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """``shortcut + branch``; without autograd accumulates into ``branch`` when it is a separate,
-    same-shaped buffer (bitwise the same sum, one allocation less). ``shortcut`` is never written.
-    Storage pointers are the alias test (inference_mode does not track view bases); meta tensors
-    (pointer 0) and compiled graphs take the plain sum."""
-    if (
-            not torch.compiler.is_compiling()
-            and autograd_off(shortcut, branch)
-            and branch.shape == shortcut.shape
-            and branch.dtype == shortcut.dtype
-            and branch._base is None
-            and branch.untyped_storage().data_ptr() != shortcut.untyped_storage().data_ptr()
-    ):
-        return branch.add_(shortcut)
-    return shortcut + branch
-
-
 register_notrace_function(_attend_nchw)
 register_notrace_function(_attend_nlc)
-register_notrace_function(_add_residual)
-# leaves for any torch.fx tracer, not only timm's (their branches read runtime autograd state)
-torch.fx.wrap('_add_residual')
+# a leaf for any torch.fx tracer, not only timm's (it branches on runtime autograd state)
 torch.fx.wrap('gelu_fresh')
 
 
@@ -241,8 +222,10 @@ class FFBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.se(_add_residual(x, self.drop_path1(self.ls1(self.token_mixer(x)))))
-        return _add_residual(x, self.drop_path2(self.ls2(self.channel_mixer(x))))
+        branch = self.drop_path1(self.ls1(self.token_mixer(x)))
+        x = self.se(residual_fresh(branch, x, self.token_mixer, self.ls1, self.drop_path1))
+        branch = self.drop_path2(self.ls2(self.channel_mixer(x)))
+        return residual_fresh(branch, x, self.channel_mixer, self.ls2, self.drop_path2)
 
 
 class Stem(nn.Sequential):
