@@ -12,6 +12,7 @@ from . import custom_op as _custom_op  # noqa: F401  registers zoo::attention_re
 import torch as _torch
 
 if _torch.cuda.is_available():  # register the Triton ops up front so compiled graphs can call them
+    from . import keylist_triton as _keylist_triton  # noqa: F401
     from . import triton_attention as _triton_attention  # noqa: F401
 
 __all__ = [

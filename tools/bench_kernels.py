@@ -9,7 +9,8 @@ Per workload and implementation: forward and forward+backward time, TFLOP/s coun
 (CUDA only). Writes JSON, a markdown table into model_cards/kernels.md (between BENCH markers) and a
 PNG plot. Formulations: timm HaloAttn (pad + unfold + matmul) for halo windows, BiFormer KVGather
 (torch.gather of the top-k regions + matmul) for routed attention, padded per-sequence SDPA for
-segments, dense attention with the mask applied (what Sparsifiner's upstream does) for key lists.
+segments, dense attention with the mask applied (what Sparsifiner's upstream does) for key lists
+(on CUDA also the lists as an element mask in the block-sparse kernel, next to the gather kernel).
 """
 import argparse
 import datetime
@@ -139,9 +140,13 @@ def workloads(device, quick):
     idx = torch.rand(B, H, N, N, generator=g).topk(K, -1).indices.to(device)
     lay = zk.key_lists(idx, N, dense_rows=1)
     mask = lay.to_dense_mask()
+    as_mask = zk.from_dense_mask(mask)
     W.append(dict(name=f"key lists {N} keep 25%", B=B, H=H, Lq=N, Lk=N, D=d, kept=N + (N - 1) * K, layout=lay,
                   kwargs={}, formulation=("upstream: dense + mask", lambda q, k, v, m=mask: F.scaled_dot_product_attention(
-                      q, k, v, attn_mask=m))))
+                      q, k, v, attn_mask=m)),
+                  # on CUDA: the same lists as an element mask in the block-sparse kernel (before the gather kernel)
+                  extra=[] if cpu else [("zoo triton, lists as mask", lambda q, k, v, m=as_mask: zk.attention(
+                      q, k, v, m, backend="triton"))]))
     return W
 
 
@@ -185,6 +190,7 @@ def run(device, dtype, quick, reps, backends):
             else:
                 impls.append((f"zoo {be}", lambda q, k, v, be=be: zk.attention(q, k, v, wl["layout"], backend=be,
                                                                                **wl["kwargs"])))
+        impls += wl.get("extra", [])
         impls.append(wl["formulation"])
         impls.append(("dense SDPA", lambda q, k, v: F.scaled_dot_product_attention(q, k, v)))
         for name, fn in impls:

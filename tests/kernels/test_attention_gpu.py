@@ -21,7 +21,7 @@ def test_gpu_cases(name, dtype):
 
 
 @pytest.mark.parametrize("d", [16, 24, 32, 40, 48, 64, 80, 96, 128, 256])
-@pytest.mark.parametrize("layout", ["dense", "window", "routed"])
+@pytest.mark.parametrize("layout", ["dense", "window", "routed", "key_lists"])
 def test_gpu_head_dims(d, layout):
     dev = "cuda"
     torch.manual_seed(0)
@@ -29,8 +29,11 @@ def test_gpu_head_dims(d, layout):
         lay, L = None, 200
     elif layout == "window":
         lay, L = zk.window_2d(16, 16, 8, 3), 256
-    else:
+    elif layout == "routed":
         lay, L = zk.routed_topk(torch.randint(0, 4, (2, 4, 2), device=dev), 64), 256
+    else:
+        L = 197
+        lay = zk.key_lists(torch.rand(2, 3, L, L, device=dev).topk(50, -1).indices, L, dense_rows=1)
     q, k, v = (torch.randn(2, 3, L, d, device=dev, dtype=torch.float16, requires_grad=True) for _ in range(3))
     o = zk.attention(q, k, v, lay)
     o2, _ = dense_oracle(q.double(), k.double(), v.double(), lay)
@@ -69,5 +72,24 @@ def test_gpu_torch_compile_inductor_fullgraph():
     torch.testing.assert_close(oc, oe, atol=2e-3, rtol=2e-3)
     gc = torch.autograd.grad(oc.float().sum(), (q, k, v, rh))
     ge = torch.autograd.grad(oe.float().sum(), (q, k, v, rh))
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_gpu_torch_compile_key_lists_fullgraph():
+    """The key-lists gather kernel is a custom op too: no graph break, same values and grads."""
+    dev = "cuda"
+    L = 197
+    idx = torch.rand(2, 4, L, L, device=dev).topk(50, -1).indices
+    q, k, v = (torch.randn(2, 4, L, 64, device=dev, dtype=torch.float16, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        return zk.attention(q, k, v, zk.key_lists(idx, L, dense_rows=1, validate=False))
+
+    cf = torch.compile(f, fullgraph=True)
+    oc, oe = cf(q, k, v), f(q, k, v)
+    torch.testing.assert_close(oc, oe, atol=2e-3, rtol=2e-3)
+    gc = torch.autograd.grad(oc.float().sum(), (q, k, v))
+    ge = torch.autograd.grad(oe.float().sum(), (q, k, v))
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)

@@ -168,3 +168,78 @@ def test_triton_rejects_bad_input():
     q = torch.randn(1, 1, 16, 320)
     with pytest.raises(ValueError, match="256"):
         zk.attention(q, q, q, backend="triton")
+
+
+# -- key lists: the gather kernel (keylist_triton.py), never the element mask ----------------------
+def _keylist_case(B_, H_, Lq, Lk, K, idx_b, idx_h, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(idx_b, idx_h, Lq, Lk, generator=g).topk(K, -1).indices
+    if Lq > 6 and K > 2:
+        idx[..., 5, :2] = -1                 # unused slots
+        idx[0, 0, 6] = -1                    # a sparse row with no key
+    return idx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [
+    # B, H, Lq, Lk, K, idx (B|1, H|1), dense_rows, D, Dv, packed qkv
+    (2, 3, 37, 37, 6, (2, 3), 1, 24, 24, True),     # Sparsifiner-like: cls row dense, q/k/v views of one qkv
+    (1, 2, 40, 29, 5, (1, 2), 0, 16, 40, False),    # Lq != Lk, Dv != D, lists shared across the batch
+    (2, 2, 21, 50, 1, (2, 1), 18, 32, 16, False),   # one key per row, lists shared by heads, most rows dense
+])
+def test_triton_key_lists_gather_kernel(shape, dtype, monkeypatch):
+    from zoo.kernels.layout import KeyListLayout
+
+    def no_mask(self):
+        raise AssertionError("the Triton key-lists path must not build the dense mask")
+
+    monkeypatch.setattr(KeyListLayout, "as_mask", no_mask)
+    B_, H_, Lq, Lk, K, (ib, ih), d, D, Dv, packed = shape
+    torch.manual_seed(3)
+    lay = zk.key_lists(_keylist_case(B_, H_, Lq, Lk, K, ib, ih, seed=4), Lk, dense_rows=d)
+    if packed:
+        qkv = _r(B_, Lq, 3, H_, D, dtype=dtype).requires_grad_(True)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        leaves = [qkv]
+    else:
+        q, k, v = (_r(B_, H_, L, e, dtype=dtype).requires_grad_(True) for L, e in ((Lq, D), (Lk, D), (Lk, Dv)))
+        leaves = [q, k, v]
+    o, l = zk.attention(q, k, v, lay, scale=0.4, return_lse=True, backend="triton")
+    assert o.dtype == dtype and l.dtype == torch.float32
+    go, gl = torch.randn_like(o), torch.randn_like(l)
+    fin = torch.isfinite(l)
+    g1 = torch.autograd.grad((o * go).sum() + (torch.where(fin, l, 0) * gl).sum(), leaves)
+
+    dl = [t.detach().double().requires_grad_(True) for t in leaves]
+    qd, kd, vd = dl[0].permute(2, 0, 3, 1, 4).unbind(0) if packed else dl
+    o2, l2 = dense_oracle(qd, kd, vd, lay, scale=0.4)
+    fin2 = torch.isfinite(l2)
+    g2 = torch.autograd.grad((o2 * go.double()).sum() + (torch.where(fin2, l2, 0) * gl.double()).sum(), dl)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    assert torch.equal(fin, fin2) and (K == 1 or not fin.all())      # the empty row has lse -inf, output 0
+    assert torch.all(o[~fin[..., None].expand_as(o)] == 0)
+    torch.testing.assert_close(o.double(), o2, **tol)
+    torch.testing.assert_close(l[fin].double(), l2[fin2], **tol)
+    for a, b in zip(g1, g2):
+        scale_ = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double() / scale_, b / scale_, **tol)
+
+
+def test_triton_key_lists_with_bias_use_the_mask_kernel():
+    """A bias is not part of the gather kernel: the call goes to the block-sparse kernel's mask."""
+    torch.manual_seed(5)
+    lay = zk.key_lists(_keylist_case(1, 2, 24, 24, 4, 1, 2, seed=5), 24, dense_rows=1)
+    q, k, v = (_r(1, 2, 24, 16) for _ in range(3))
+    bias = _r(1, 2, 24, 24)
+    o = zk.attention(q, k, v, lay, bias=bias, backend="triton")
+    o2, _ = dense_oracle(q.double(), k.double(), v.double(), lay, bias=bias.double())
+    torch.testing.assert_close(o.double(), o2, atol=1e-5, rtol=1e-4)
+
+
+def test_triton_key_lists_custom_op_opcheck():
+    """The gather kernel's torch.library op (what torch.compile calls): schema, fake tensors, autograd."""
+    from zoo.kernels import keylist_triton  # noqa: F401  registers zoo::attention_keylists
+    torch.manual_seed(6)
+    idx = _keylist_case(1, 2, 12, 12, 3, 1, 2, seed=6)
+    q, k, v = (_r(1, 2, 12, 16).requires_grad_(True) for _ in range(3))
+    torch.library.opcheck(torch.ops.zoo.attention_keylists.default, (q, k, v, idx, 12, 1, 0.5))
