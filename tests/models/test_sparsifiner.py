@@ -58,6 +58,21 @@ def test_mask_counts_and_dense_cls_row(img, keep):
     assert (approx[mask[:, :, 1:]] >= kth.expand_as(approx)[mask[:, :, 1:]]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_nonnegative_topk_on_bit_patterns_selects_the_same_keys(dtype):
+    """Non-negative floats order like their bit patterns read as integers: the fast selection keeps
+    exactly the keys of a float top-k (distinct scores, zeros included)."""
+    g = torch.Generator().manual_seed(0)
+    N = 37
+    approx = torch.rand(2, 3, N - 1, N, generator=g, dtype=torch.float64).argsort(-1).to(dtype)   # distinct 0..N-1
+    approx[0, 0, 0] *= 1e-3                         # tiny and subnormal-free scales still order exactly
+    fast = topk_connectivity(approx, 0.3, nonnegative=True).to_dense_mask()
+    slow = topk_connectivity(approx, 0.3).to_dense_mask()
+    assert torch.equal(fast, slow) and (fast[:, :, 1:].sum(-1) == math.ceil(0.3 * N)).all()
+    model_approx = _tiny().eval().blocks[0].attn.mask_predictor(*(torch.randn(2, 3, 65, 64),) * 2)
+    assert (model_approx >= 0).all()                # what the model's call relies on
+
+
 def test_kernel_path_equals_masked_dense_forward_backward():
     torch.manual_seed(0)
     B, H, N, D = 2, 3, 50, 16

@@ -126,7 +126,8 @@ class SparsifinerAttention(Attention):
             approx = self.mask_predictor(q, k)
         else:
             approx = self.mask_predictor(q, k, token_pos=token_pos, num_patches=num_patches)
-        return approx, topk_connectivity(approx, self.keep_rate, self.num_prefix_tokens, none_if_dense=True)
+        return approx, topk_connectivity(approx, self.keep_rate, self.num_prefix_tokens, none_if_dense=True,
+                                         nonnegative=True)     # coef >= 0 times |basis|
 
     def forward_aux(self, x: torch.Tensor, token_pos: Optional[torch.Tensor] = None, num_patches: int = 0,
                     cls_attn: bool = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
