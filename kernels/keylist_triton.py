@@ -11,6 +11,11 @@ scale with the list length K, not with Lk. Dense rows (`dense_rows`, e.g. a cls 
 Backward: one kernel recomputes the probabilities per chunk, accumulates dQ in registers and adds
 dK, dV into fp32 buffers with atomics (a key may be listed by any query, so there is no tile that
 owns it).
+
+The per-pair dot products run on CUDA cores, the block-sparse kernel's tiles on tensor cores (about
+15x the fp16 throughput on H100). So `prefer_gather` sends only sparse lists here (K / Lk <=
+1/16) and lists whose element mask would be huge; denser lists go to the mask kernel. The
+threshold is an estimate from those throughputs, not yet calibrated on a GPU.
 """
 from typing import List, Tuple
 
@@ -26,8 +31,17 @@ if HAS_TRITON:
 
 __all__ = ["keylist_attention"]
 
-BLOCK_M = 16            # query rows per program
-GATHER_ELEMS = 8192     # BM * BK * head-dim elements per gathered tile (register budget)
+BLOCK_M = 8             # query rows per program
+GATHER_ELEMS = 2048     # BM * BK * head-dim elements per gathered tile: no register spills on sm_90
+                        # for head dims 16-256 (ptxas -v on the compiled kernels)
+GATHER_MAX_KEEP = 1 / 16        # lists keeping at most this fraction of the keys use this kernel,
+MASK_MAX_ELEMENTS = 1 << 28     # and lists whose (B, H, Lq, Lk) element mask would exceed this
+
+
+def prefer_gather(layout: KeyListLayout, B: int, H: int) -> bool:
+    """Gather kernel, or the block-sparse kernel on the lists' element mask (see the module doc)."""
+    K = layout.index.shape[-1]
+    return K <= GATHER_MAX_KEEP * layout.kv_len or B * H * layout.q_len * layout.kv_len > MASK_MAX_ELEMENTS
 
 
 if HAS_TRITON:

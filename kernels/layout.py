@@ -413,9 +413,9 @@ def from_dense_mask(mask: torch.Tensor) -> MaskLayout:
 class KeyListLayout(Layout):
     """Per-query key lists (Sparsifiner connectivity): row i attends the keys listed in index[..., i, :].
 
-    Kept as lists, not as an Lq x Lk mask, so the CPU path (kernels/rowsparse.py) and the Triton
-    gather kernel (kernels/keylist_triton.py) compute logits only at listed pairs; with a bias or
-    score_mod, and on Flex, the equivalent dense mask (`as_mask`) goes to the block-sparse kernels.
+    Kept as lists, not as an Lq x Lk mask, so the CPU path (kernels/rowsparse.py) and, for sparse
+    lists, the Triton gather kernel (kernels/keylist_triton.py) compute logits only at listed pairs;
+    otherwise the equivalent dense mask (`as_mask`) goes to the block-sparse kernels.
     """
 
     kind = "key_lists"

@@ -10,7 +10,7 @@ Per workload and implementation: forward and forward+backward time, TFLOP/s coun
 PNG plot. Formulations: timm HaloAttn (pad + unfold + matmul) for halo windows, BiFormer KVGather
 (torch.gather of the top-k regions + matmul) for routed attention, padded per-sequence SDPA for
 segments, dense attention with the mask applied (what Sparsifiner's upstream does) for key lists
-(on CUDA also the lists as an element mask in the block-sparse kernel, next to the gather kernel).
+(on CUDA also the gather kernel and the element-mask kernel, each forced).
 """
 import argparse
 import datetime
@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import zoo.kernels as zk  # noqa: E402
+from zoo.kernels import keylist_triton  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,9 +145,11 @@ def workloads(device, quick):
     W.append(dict(name=f"key lists {N} keep 25%", B=B, H=H, Lq=N, Lk=N, D=d, kept=N + (N - 1) * K, layout=lay,
                   kwargs={}, formulation=("upstream: dense + mask", lambda q, k, v, m=mask: F.scaled_dot_product_attention(
                       q, k, v, attn_mask=m)),
-                  # on CUDA: the same lists as an element mask in the block-sparse kernel (before the gather kernel)
-                  extra=[] if cpu else [("zoo triton, lists as mask", lambda q, k, v, m=as_mask: zk.attention(
-                      q, k, v, m, backend="triton"))]))
+                  # on CUDA "zoo triton" follows the dispatch (25 % lists: the element mask); both paths forced:
+                  extra=[] if cpu else [
+                      ("zoo triton, gather kernel", lambda q, k, v, lay=lay: keylist_triton.keylist_attention(
+                          q, k, v, lay, q.shape[-1] ** -0.5)[0]),
+                      ("zoo triton, lists as mask", lambda q, k, v, m=as_mask: zk.attention(q, k, v, m, backend="triton"))]))
     return W
 
 

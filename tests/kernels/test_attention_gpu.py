@@ -22,7 +22,9 @@ def test_gpu_cases(name, dtype):
 
 @pytest.mark.parametrize("d", [16, 24, 32, 40, 48, 64, 80, 96, 128, 256])
 @pytest.mark.parametrize("layout", ["dense", "window", "routed", "key_lists"])
-def test_gpu_head_dims(d, layout):
+def test_gpu_head_dims(d, layout, monkeypatch):
+    from zoo.kernels import keylist_triton
+    monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0)     # key lists: the gather kernel
     dev = "cuda"
     torch.manual_seed(0)
     if layout == "dense":
@@ -76,8 +78,11 @@ def test_gpu_torch_compile_inductor_fullgraph():
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
 
-def test_gpu_torch_compile_key_lists_fullgraph():
-    """The key-lists gather kernel is a custom op too: no graph break, same values and grads."""
+@pytest.mark.parametrize("gather", [True, False])
+def test_gpu_torch_compile_key_lists_fullgraph(gather, monkeypatch):
+    """Key lists compile without graph breaks on both Triton paths (gather kernel, element mask)."""
+    from zoo.kernels import keylist_triton
+    monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0 if gather else 0.0)
     dev = "cuda"
     L = 197
     idx = torch.rand(2, 4, L, L, device=dev).topk(50, -1).indices

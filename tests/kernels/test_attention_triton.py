@@ -188,12 +188,14 @@ def _keylist_case(B_, H_, Lq, Lk, K, idx_b, idx_h, seed):
     (2, 2, 21, 50, 1, (2, 1), 18, 32, 16, False),   # one key per row, lists shared by heads, most rows dense
 ])
 def test_triton_key_lists_gather_kernel(shape, dtype, monkeypatch):
+    from zoo.kernels import keylist_triton
     from zoo.kernels.layout import KeyListLayout
 
     def no_mask(self):
         raise AssertionError("the Triton key-lists path must not build the dense mask")
 
     monkeypatch.setattr(KeyListLayout, "as_mask", no_mask)
+    monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0)     # these lists keep up to 16 %
     B_, H_, Lq, Lk, K, (ib, ih), d, D, Dv, packed = shape
     torch.manual_seed(3)
     lay = zk.key_lists(_keylist_case(B_, H_, Lq, Lk, K, ib, ih, seed=4), Lk, dense_rows=d)
@@ -223,6 +225,30 @@ def test_triton_key_lists_gather_kernel(shape, dtype, monkeypatch):
     for a, b in zip(g1, g2):
         scale_ = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a.double() / scale_, b / scale_, **tol)
+
+
+def test_triton_key_lists_dispatch_sparse_lists_gather_dense_lists_mask(monkeypatch):
+    """Lists keeping <= 1/16 of the keys go to the gather kernel, denser ones to the block-sparse
+    kernel on their element mask (tensor cores), unless that mask would be too large."""
+    from zoo.kernels import keylist_triton
+    from zoo.kernels.layout import KeyListLayout
+    calls = []
+    as_mask = KeyListLayout.as_mask
+    monkeypatch.setattr(KeyListLayout, "as_mask", lambda self: calls.append("mask") or as_mask(self))
+    gather = keylist_triton.keylist_attention
+    monkeypatch.setattr(keylist_triton, "keylist_attention", lambda *a: calls.append("gather") or gather(*a))
+    q = _r(1, 2, 40, 16)
+    for K, want in ((2, "gather"), (10, "mask")):                 # 2/40 = 5 %, 10/40 = 25 %
+        calls.clear()
+        lay = zk.key_lists(_keylist_case(1, 2, 40, 40, K, 1, 2, seed=K), 40, dense_rows=1)
+        o = zk.attention(q, q, q, lay, backend="triton")
+        assert calls == [want]
+        torch.testing.assert_close(o.double(), dense_oracle(q.double(), q.double(), q.double(), lay)[0],
+                                   atol=1e-5, rtol=1e-4)
+    monkeypatch.setattr(keylist_triton, "MASK_MAX_ELEMENTS", 40 * 40)     # mask too large: gather
+    calls.clear()
+    zk.attention(q, q, q, lay, backend="triton")
+    assert calls == ["gather"]
 
 
 def test_triton_key_lists_with_bias_use_the_mask_kernel():

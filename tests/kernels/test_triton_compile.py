@@ -26,7 +26,8 @@ def test_every_launched_kernel_variant_compiles_for_sm90(monkeypatch):
         for name in A.FP16:
             A._check(name, torch.float16)
         A.test_triton_head_dims_padded_and_dv_differs()
-        for shape in ((2, 3, 37, 37, 6, (2, 3), 1, 24, 24, True), (2, 2, 21, 50, 1, (2, 1), 18, 32, 16, False)):
+        for shape in ((2, 3, 37, 37, 6, (2, 3), 1, 24, 24, True), (2, 2, 21, 50, 1, (2, 1), 18, 32, 16, False),
+                      (1, 2, 40, 29, 5, (1, 2), 0, 16, 40, False)):
             A.test_triton_key_lists_gather_kernel(shape, torch.float16, monkeypatch)
         for det in (False, True):
             value, shapes, starts, loc, attn = MS._inputs(seed=5)
