@@ -572,7 +572,14 @@ class _Plan:
         dev = q.device
         self.B, self.H, self.Lq, self.Lk, self.D, self.Dv = B, H, Lq, Lk, D, Dv
         self.layout, self.bias, self.score_mod = layout, bias, score_mod
-        lut = build_lut(layout, Lq, Lk, dev, TILE_OPTIONS["block_m"], TILE_OPTIONS["block_n"])
+        # Tiles that also evaluate a bias, the GMM mod or mask bits, or wide heads, need more
+        # registers: at 64x64 with 4 warps ptxas spilled 100-1600 bytes per thread on sm_90. Those
+        # variants get 8 warps and, with linear tiles, 32-key tiles (spill-free for D <= 64).
+        heavy = (bias is not None or score_mod is not None or isinstance(layout, MaskLayout)
+                 or max(D, Dv) > 64)
+        linear = not isinstance(layout, (WindowLayout, RoutedLayout))
+        block_n = min(TILE_OPTIONS["block_n"], 32) if heavy and linear else TILE_OPTIONS["block_n"]
+        lut = build_lut(layout, Lq, Lk, dev, TILE_OPTIONS["block_m"], block_n)
         self.lut = lut
         dummy = torch.zeros(1, device=dev, dtype=torch.int32)
         fdummy = torch.zeros(1, device=dev, dtype=torch.float32)
@@ -633,9 +640,9 @@ class _Plan:
                      ggw=score_mod.grid[1], NK=NK, KP=max(2, next_pow2(NK)), GMM=True, GADD=score_mod.mode == "add")
         self.args = a
         big = max(a["DP"], a["DVP"])
-        self.num_warps = 8 if (big >= 128 and lut.BM * lut.BN >= 64 * 64) else 4
-        # wide heads: fewer pipeline stages so K/V tiles fit in shared memory
-        self.launch = dict(num_warps=self.num_warps, num_stages=2 if big >= 128 else 3)
+        self.num_warps = 8 if heavy and lut.BM * lut.BN >= 64 * 32 else 4
+        # wide heads and heavy tiles: fewer pipeline stages (shared memory, registers)
+        self.launch = dict(num_warps=self.num_warps, num_stages=2 if big >= 128 or heavy else 3)
 
     def lut_args(self, transposed=False):
         L = self.lut

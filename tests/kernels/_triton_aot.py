@@ -5,6 +5,9 @@ constexpr/tensor mixes, layouts of 3-D tiles. `record_launches` captures the ker
 interpreter run (argument types, constexpr values, launch options); `compile_specs` compiles each
 distinct launch for sm_90 in a subprocess with the interpreter off, through ptxas to a cubin, so
 compiled-mode errors show up on a CPU-only machine.
+
+`python tests/kernels/_triton_aot.py` prints ptxas's register and spill counts for the kernels at
+the families' real tile shapes (how the launch configurations in triton_attention.py were chosen).
 """
 import contextlib
 import inspect
@@ -70,12 +73,13 @@ def record_launches(specs: list):
 
 
 _COMPILER = r"""
-import importlib, json, sys
+import importlib, json, os, re, subprocess, sys, tempfile
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-arch = int(sys.argv[1])
-failures = []
+arch, want_info = int(sys.argv[1]), sys.argv[2] == "1"
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+failures, info = [], []
 for spec in json.load(sys.stdin):
     fn = getattr(importlib.import_module(spec["module"]), spec["name"])
     names = fn.arg_names
@@ -86,18 +90,69 @@ for spec in json.load(sys.stdin):
         consts[(names.index(k),)] = v
     try:
         src = ASTSource(fn=fn, signature=spec["signature"], constexprs=consts)
-        triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec["options"])
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec["options"])
     except Exception as e:
         failures.append(dict(name=spec["name"], constexprs=spec["constexprs"], error=f"{type(e).__name__}: {e}"[:2000]))
-json.dump(failures, sys.stdout)
+        continue
+    if want_info:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "k.ptx")
+            with open(path, "w") as f:
+                f.write(compiled.asm["ptx"])
+            out = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", os.devnull], capture_output=True,
+                                 text=True).stderr
+        num = lambda pat: int(m.group(1)) if (m := re.search(pat, out)) else -1
+        info.append(dict(spec, registers=num(r"Used (\d+) registers"), spill_bytes=num(r"(\d+) bytes spill stores")))
+json.dump(dict(failures=failures, info=info), sys.stdout)
 """
 
 
-def compile_specs(specs, arch: int = 90, timeout: int = 900):
-    """Compile every spec for sm_`arch` (interpreter off); -> list of failures (name, error)."""
+def compile_specs(specs, arch: int = 90, timeout: int = 900, ptxas_info: bool = False):
+    """Compile every spec for sm_`arch` (interpreter off); -> list of failures (name, error), and
+    with `ptxas_info` also each spec with its `registers` and `spill_bytes` (ptxas -v)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", _COMPILER, str(arch)], input=json.dumps(specs), env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run([sys.executable, "-c", _COMPILER, str(arch), str(int(ptxas_info))], input=json.dumps(specs),
+                         env=env, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"the compile subprocess failed:\n{res.stderr[-4000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return (out["failures"], out["info"]) if ptxas_info else out["failures"]
+
+
+def model_shaped_launches():
+    """Interpreter launches (fp16, batch 1, one head) at the families' tile shapes."""
+    import zoo.kernels as zk
+    specs = []
+
+    def run(lay, Lq, Lk, D, bias=None, score_mod=None):
+        q, k, v = (torch.randn(1, 1, L, D, dtype=torch.float16, requires_grad=True) for L in (Lq, Lk, Lk))
+        zk.attention(q, k, v, lay, bias=bias, score_mod=score_mod, backend="triton").float().sum().backward()
+
+    with record_launches(specs):
+        for D in (16, 32, 64):                   # HaloNet: 8x8 blocks, halo 3, rel-pos logits
+            rh = torch.randn(1, 1, 256, 27, dtype=torch.float16)
+            run(zk.window_2d(16, 16, 8, 3), 256, 256, D, bias=zk.RelPosBias(rh, rh))
+        for D in (32, 64):                       # BiFormer: 64-token regions, top-2
+            run(zk.routed_topk(torch.randint(0, 4, (1, 4, 2)), 64), 256, 256, D)
+        run(zk.varlen(torch.tensor([0, 100, 256])), 256, 256, 64)                         # PartCrafter parts
+        run(None, 197, 197, 64, score_mod=zk.GaussianMixture(torch.randn(1, 2), torch.rand(1, 2) + 0.5, (14, 14),
+                                                               num_prefix_tokens=1))     # GMM-ViT
+        run(zk.causal(200, prefix=70), 200, 200, 64,                                     # Puppeteer
+            bias=zk.IndexedBias(torch.randn(1, 4, dtype=torch.float16), torch.randint(0, 4, (1, 200, 200))))
+        run(zk.from_dense_mask(torch.rand(1, 1, 197, 197) > 0.7), 197, 197, 64)          # Sparsifiner's mask
+        run(zk.key_lists(torch.rand(1, 1, 197, 197).topk(12, -1).indices, 197, dense_rows=1), 197, 197, 64)
+        run(None, 256, 256, 128)                 # wide heads
+    return specs
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run with TRITON_INTERPRET=1: the launches are recorded from the interpreter")
+    fails, rows = compile_specs(model_shaped_launches(), ptxas_info=True)
+    for r in rows:
+        c = r["constexprs"]
+        tile = "x".join(str(c[k]) for k in ("BM", "BN") if k in c)
+        print(f"{r['name']:<16} D={c.get('DP', c.get('D', '')):<4} tile={tile:<6} bias={c.get('BIAS', '-')} "
+              f"gmm={c.get('GMM', '-')} {r['options']} registers={r['registers']} spill_bytes={r['spill_bytes']}")
+    for f in fails:
+        print("FAILED", f["name"], f["error"][:500])
