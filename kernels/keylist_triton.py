@@ -23,7 +23,7 @@ import torch
 
 from .layout import KeyListLayout
 from .lut import next_pow2
-from .triton_attention import HAS_TRITON, interpreter_enabled
+from .triton_attention import HAS_TRITON, _bs, _contig, check_inputs
 
 if HAS_TRITON:
     import triton
@@ -57,20 +57,23 @@ if HAS_TRITON:
         return tl.where(ok, key, 0), ok
 
     @triton.jit
+    def _row_block(H, Lq, Lk, NK, DENSE, BM: tl.constexpr):
+        """This program's (batch, head), its BM query rows, and each row's list length."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        rows = pid * BM + tl.arange(0, BM)
+        dense = rows < DENSE
+        n_slots = tl.where(pid * BM < DENSE, Lk, NK)         # loop bound: the longest list in the block
+        return bh // H, bh % H, bh, rows, rows < Lq, dense, tl.where(dense, Lk, NK), n_slots
+
+    @triton.jit
     def _keylist_fwd(Q, K, V, IDX, OUT, LSE,
                      s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
                      s_ib, s_ih, s_il, s_ij,
                      H, Lq, Lk, NK, DENSE, scale,
                      D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
                      BM: tl.constexpr, BK: tl.constexpr):
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        rows = pid * BM + tl.arange(0, BM)
-        rvalid = rows < Lq
-        dense = rows < DENSE
-        row_len = tl.where(dense, Lk, NK)
+        b, h, bh, rows, rvalid, dense, row_len, n_slots = _row_block(H, Lq, Lk, NK, DENSE, BM)
         od = tl.arange(0, DP)
         odv = tl.arange(0, DVP)
         q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_ql + od[None, :],
@@ -81,7 +84,6 @@ if HAS_TRITON:
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, DVP], tl.float32)
-        n_slots = tl.where(pid * BM < DENSE, Lk, NK)
         for c in range(0, n_slots, BK):
             j = c + tl.arange(0, BK)
             key, ok = _chunk_keys(IDX, idx_row, rows, rvalid, dense, j, row_len, s_ij)
@@ -114,14 +116,7 @@ if HAS_TRITON:
                      D: tl.constexpr, DV_: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
                      BM: tl.constexpr, BK: tl.constexpr):
         """dQ (stored), dK and dV (fp32 atomics into contiguous (B, H, Lk, *) buffers)."""
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        rows = pid * BM + tl.arange(0, BM)
-        rvalid = rows < Lq
-        dense = rows < DENSE
-        row_len = tl.where(dense, Lk, NK)
+        b, h, bh, rows, rvalid, dense, row_len, n_slots = _row_block(H, Lq, Lk, NK, DENSE, BM)
         od = tl.arange(0, DP)
         odv = tl.arange(0, DVP)
         dmask = od[None, :] < D
@@ -139,7 +134,6 @@ if HAS_TRITON:
         dv_base = DV + bh * Lk * DV_
         idx_row = b * s_ib + h * s_ih + rows * s_il
         dq = tl.zeros([BM, DP], tl.float32)
-        n_slots = tl.where(pid * BM < DENSE, Lk, NK)
         for c in range(0, n_slots, BK):
             j = c + tl.arange(0, BK)
             key, ok = _chunk_keys(IDX, idx_row, rows, rvalid, dense, j, row_len, s_ij)
@@ -159,10 +153,6 @@ if HAS_TRITON:
         tl.store(DQ + bh * Lq * D + rows[:, None] * D + od[None, :], dq * scale, mask=rvalid[:, None] & dmask)
 
 
-def _bs(t, dim):
-    return t.stride(dim) if t.shape[dim] > 1 else 0
-
-
 def _launch_args(q, k, v, index, kv_len, dense_rows):
     B, H, Lq, D = q.shape
     Dv = v.shape[-1]
@@ -172,10 +162,6 @@ def _launch_args(q, k, v, index, kv_len, dense_rows):
               H, Lq, kv_len, index.shape[-1], dense_rows)
     meta = dict(D=D, DP=DP, DVP=DVP, BM=BLOCK_M, BK=bk, num_warps=4)
     return (triton.cdiv(Lq, BLOCK_M), B * H), common, meta
-
-
-def _contig(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _forward(q, k, v, index, kv_len, dense_rows, scale):
@@ -228,15 +214,7 @@ class _KeyListTriton(torch.autograd.Function):
 
 def keylist_attention(q, k, v, layout: KeyListLayout, scale: float):
     """q (B, H, Lq, D), k, v on CUDA (or CPU under TRITON_INTERPRET=1) -> (out, lse fp32)."""
-    if not HAS_TRITON:
-        raise RuntimeError("attention: backend='triton' needs the triton package; use backend='reference'")
-    if q.device.type != "cuda" and not interpreter_enabled():
-        raise ValueError(f"attention: backend='triton' needs CUDA tensors, got {q.device}")
-    if q.dtype == torch.float64:
-        raise ValueError("attention: backend='triton' supports float32/float16/bfloat16, not float64")
-    if max(q.shape[-1], v.shape[-1]) > 256:
-        raise ValueError(f"attention: backend='triton' supports head dims up to 256, got D={q.shape[-1]}, "
-                         f"Dv={v.shape[-1]}")
+    check_inputs(q, v)
     q, k, v = _contig(q), _contig(k), _contig(v)
     index = layout.index.to(q.device)
     if torch.compiler.is_compiling():

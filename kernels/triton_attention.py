@@ -736,8 +736,8 @@ class _TritonAttention(torch.autograd.Function):
         return (dq, dk, dv, None, None, None, None, *fgrads)
 
 
-def triton_attention(q, k, v, layout, scale, bias, score_mod, return_lse):
-    """Triton backend entry (CUDA, or CPU under TRITON_INTERPRET=1). Returns (out, lse)."""
+def check_inputs(q, v):
+    """What every Triton path needs: triton, CUDA (or the interpreter), fp32/16/bf16, heads <= 256."""
     if not HAS_TRITON:
         raise RuntimeError("attention: backend='triton' needs the triton package; use backend='reference'")
     if q.device.type != "cuda" and not interpreter_enabled():
@@ -747,6 +747,11 @@ def triton_attention(q, k, v, layout, scale, bias, score_mod, return_lse):
     D, Dv = q.shape[-1], v.shape[-1]
     if max(D, Dv) > 256:
         raise ValueError(f"attention: backend='triton' supports head dims up to 256, got D={D}, Dv={Dv}")
+
+
+def triton_attention(q, k, v, layout, scale, bias, score_mod, return_lse):
+    """Triton backend entry (CUDA, or CPU under TRITON_INTERPRET=1). Returns (out, lse)."""
+    check_inputs(q, v)
     q, k, v = _contig(q), _contig(k), _contig(v)
     if torch.compiler.is_compiling():
         from .custom_op import flatten
