@@ -39,7 +39,11 @@ MASK_MAX_ELEMENTS = 1 << 28     # and lists whose (B, H, Lq, Lk) element mask wo
 
 
 def prefer_gather(layout: KeyListLayout, B: int, H: int) -> bool:
-    """Gather kernel, or the block-sparse kernel on the lists' element mask (see the module doc)."""
+    """Gather kernel, or the block-sparse kernel on the lists' element mask (see the module doc).
+    Deterministic mode (`torch.use_deterministic_algorithms`) always takes the mask kernel: the
+    gather backward adds dK/dV with atomics."""
+    if torch.are_deterministic_algorithms_enabled():
+        return False
     K = layout.index.shape[-1]
     return K <= GATHER_MAX_KEEP * layout.kv_len or B * H * layout.q_len * layout.kv_len > MASK_MAX_ELEMENTS
 
@@ -47,33 +51,34 @@ def prefer_gather(layout: KeyListLayout, B: int, H: int) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _chunk_keys(IDX, idx_row, rows, rvalid, dense, j, row_len, s_ij):
+    def _chunk_keys(IDX, idx_row, rows, rvalid, dense, j, row_len, s_ij, Lk):
         """Key ids of list slots j for each row (dense rows: key j), and which slots are real."""
         in_list = rvalid[:, None] & (j[None, :] < row_len[:, None])
         listed = in_list & (dense == 0)[:, None]
         key = tl.load(IDX + idx_row[:, None] + j[None, :] * s_ij, mask=listed, other=-1)
         key = tl.where(dense[:, None], j[None, :], key)
-        ok = in_list & (key >= 0)
+        ok = in_list & (key >= 0) & (key < Lk)
         return tl.where(ok, key, 0), ok
 
     @triton.jit
-    def _row_block(H, Lq, Lk, NK, DENSE, BM: tl.constexpr):
-        """This program's (batch, head), its BM query rows, and each row's list length."""
+    def _row_block(H, Lq, Lk, NK, DENSE, NMAX, BM: tl.constexpr):
+        """This program's (batch, head), its BM query rows, each row's list length and the loop
+        bound (a block holding a dense row walks max(Lk, K) slots: its listed rows may have K > Lk)."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         rows = pid * BM + tl.arange(0, BM)
         dense = rows < DENSE
-        n_slots = tl.where(pid * BM < DENSE, Lk, NK)         # loop bound: the longest list in the block
+        n_slots = tl.where(pid * BM < DENSE, NMAX, NK)
         return bh // H, bh % H, bh, rows, rows < Lq, dense, tl.where(dense, Lk, NK), n_slots
 
     @triton.jit
     def _keylist_fwd(Q, K, V, IDX, OUT, LSE,
                      s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
                      s_ib, s_ih, s_il, s_ij,
-                     H, Lq, Lk, NK, DENSE, scale,
+                     H, Lq, Lk, NK, DENSE, NMAX, scale,
                      D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
                      BM: tl.constexpr, BK: tl.constexpr):
-        b, h, bh, rows, rvalid, dense, row_len, n_slots = _row_block(H, Lq, Lk, NK, DENSE, BM)
+        b, h, bh, rows, rvalid, dense, row_len, n_slots = _row_block(H, Lq, Lk, NK, DENSE, NMAX, BM)
         od = tl.arange(0, DP)
         odv = tl.arange(0, DVP)
         q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_ql + od[None, :],
@@ -86,7 +91,7 @@ if HAS_TRITON:
         acc = tl.zeros([BM, DVP], tl.float32)
         for c in range(0, n_slots, BK):
             j = c + tl.arange(0, BK)
-            key, ok = _chunk_keys(IDX, idx_row, rows, rvalid, dense, j, row_len, s_ij)
+            key, ok = _chunk_keys(IDX, idx_row, rows, rvalid, dense, j, row_len, s_ij, Lk)
             kg = tl.load(k_base + key[:, :, None] * s_kl + od[None, None, :],
                          mask=ok[:, :, None] & (od[None, None, :] < D), other=0.0).to(tl.float32)
             s = tl.sum(q[:, None, :] * kg, axis=2) * scale
@@ -112,11 +117,11 @@ if HAS_TRITON:
     def _keylist_bwd(Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV,
                      s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl,
                      s_ib, s_ih, s_il, s_ij,
-                     H, Lq, Lk, NK, DENSE, scale,
+                     H, Lq, Lk, NK, DENSE, NMAX, scale,
                      D: tl.constexpr, DV_: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
                      BM: tl.constexpr, BK: tl.constexpr):
         """dQ (stored), dK and dV (fp32 atomics into contiguous (B, H, Lk, *) buffers)."""
-        b, h, bh, rows, rvalid, dense, row_len, n_slots = _row_block(H, Lq, Lk, NK, DENSE, BM)
+        b, h, bh, rows, rvalid, dense, row_len, n_slots = _row_block(H, Lq, Lk, NK, DENSE, NMAX, BM)
         od = tl.arange(0, DP)
         odv = tl.arange(0, DVP)
         dmask = od[None, :] < D
@@ -136,7 +141,7 @@ if HAS_TRITON:
         dq = tl.zeros([BM, DP], tl.float32)
         for c in range(0, n_slots, BK):
             j = c + tl.arange(0, BK)
-            key, ok = _chunk_keys(IDX, idx_row, rows, rvalid, dense, j, row_len, s_ij)
+            key, ok = _chunk_keys(IDX, idx_row, rows, rvalid, dense, j, row_len, s_ij, Lk)
             kmask = ok[:, :, None] & (od[None, None, :] < D)
             vmask = ok[:, :, None] & (odv[None, None, :] < DV_)
             kg = tl.load(k_base + key[:, :, None] * s_kl + od[None, None, :], mask=kmask, other=0.0).to(tl.float32)
@@ -159,12 +164,13 @@ def _launch_args(q, k, v, index, kv_len, dense_rows):
     DP, DVP = max(16, next_pow2(D)), max(16, next_pow2(Dv))
     bk = max(1, min(16, GATHER_ELEMS // (BLOCK_M * max(DP, DVP))))
     common = (_bs(index, 0), _bs(index, 1), index.stride(2), index.stride(3),
-              H, Lq, kv_len, index.shape[-1], dense_rows)
+              H, Lq, kv_len, index.shape[-1], dense_rows, max(kv_len, index.shape[-1]))
     meta = dict(D=D, DP=DP, DVP=DVP, BM=BLOCK_M, BK=bk, num_warps=4)
     return (triton.cdiv(Lq, BLOCK_M), B * H), common, meta
 
 
 def _forward(q, k, v, index, kv_len, dense_rows, scale):
+    q, k, v = _contig(q), _contig(k), _contig(v)
     B, H, Lq, _ = q.shape
     out = torch.empty(B, H, Lq, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
@@ -176,6 +182,7 @@ def _forward(q, k, v, index, kv_len, dense_rows, scale):
 
 
 def _backward(dout, dlse, q, k, v, out, lse, index, kv_len, dense_rows, scale):
+    q, k, v = _contig(q), _contig(k), _contig(v)
     dout = _contig(dout)
     delta = (dout.float() * out.float()).sum(-1)
     if dlse is not None:
@@ -214,7 +221,7 @@ class _KeyListTriton(torch.autograd.Function):
 
 def keylist_attention(q, k, v, layout: KeyListLayout, scale: float):
     """q (B, H, Lq, D), k, v on CUDA (or CPU under TRITON_INTERPRET=1) -> (out, lse fp32)."""
-    check_inputs(q, v)
+    check_inputs(q, k, v)
     q, k, v = _contig(q), _contig(k), _contig(v)
     index = layout.index.to(q.device)
     if torch.compiler.is_compiling():
@@ -241,7 +248,7 @@ if HAS_TRITON:
 
     @_attention_keylists_bwd_op.register_fake
     def _(dout, dlse, q, k, v, out, lse, index, kv_len, dense_rows, scale):
-        return [torch.empty_like(t) for t in (q, k, v)]
+        return [t.new_empty(t.shape) for t in (q, k, v)]          # contiguous, as the kernel writes them
 
     def _setup(ctx, inputs, output):
         q, k, v, index, kv_len, dense_rows, scale = inputs

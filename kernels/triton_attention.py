@@ -736,7 +736,7 @@ class _TritonAttention(torch.autograd.Function):
         return (dq, dk, dv, None, None, None, None, *fgrads)
 
 
-def check_inputs(q, v):
+def check_inputs(q, k, v):
     """What every Triton path needs: triton, CUDA (or the interpreter), fp32/16/bf16, heads <= 256."""
     if not HAS_TRITON:
         raise RuntimeError("attention: backend='triton' needs the triton package; use backend='reference'")
@@ -747,11 +747,15 @@ def check_inputs(q, v):
     D, Dv = q.shape[-1], v.shape[-1]
     if max(D, Dv) > 256:
         raise ValueError(f"attention: backend='triton' supports head dims up to 256, got D={D}, Dv={Dv}")
+    B, H, Lq = q.shape[:3]
+    if max(q.numel(), k.numel(), v.numel(), B * H * Lq * Dv) >= 2 ** 31:
+        raise ValueError(f"attention: backend='triton' addresses tensors with 32-bit offsets; q {tuple(q.shape)} / "
+                         f"v {tuple(v.shape)} exceed 2^31 elements: split the batch")
 
 
 def triton_attention(q, k, v, layout, scale, bias, score_mod, return_lse):
     """Triton backend entry (CUDA, or CPU under TRITON_INTERPRET=1). Returns (out, lse)."""
-    check_inputs(q, v)
+    check_inputs(q, k, v)
     q, k, v = _contig(q), _contig(k), _contig(v)
     if torch.compiler.is_compiling():
         from .custom_op import flatten

@@ -98,3 +98,29 @@ def test_gpu_torch_compile_key_lists_fullgraph(gather, monkeypatch):
     ge = torch.autograd.grad(oe.float().sum(), (q, k, v))
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gpu_key_lists_gather_kernel(dtype, monkeypatch):
+    """The gather kernel compiled: unused slots, an empty row, dense rows, lse and its gradient."""
+    from zoo.kernels import keylist_triton
+    from test_attention_triton import _keylist_case
+    monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0)
+    dev = "cuda"
+    torch.manual_seed(0)
+    lay = zk.key_lists(_keylist_case(2, 3, 197, 197, 50, 2, 3, seed=1).to(dev), 197, dense_rows=1)
+    q, k, v = (torch.randn(2, 3, 197, 64, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    o, l = zk.attention(q, k, v, lay, return_lse=True)
+    fin = torch.isfinite(l)
+    assert not fin.all() and torch.all(o[~fin[..., None].expand_as(o)] == 0)
+    go, gl = torch.randn_like(o), torch.randn_like(l)
+    g = torch.autograd.grad((o * go).float().sum() + (torch.where(fin, l, 0) * gl).sum(), (q, k, v))
+    dl = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    o2, l2 = dense_oracle(*dl, lay)
+    g2 = torch.autograd.grad((o2 * go.double()).sum() + (torch.where(fin, l2, 0) * gl.double()).sum(), dl)
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
+    torch.testing.assert_close(o.double(), o2, atol=tol, rtol=tol)
+    torch.testing.assert_close(l[fin].double(), l2[fin], atol=tol, rtol=tol)
+    for a, b in zip(g, g2):
+        s = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double() / s, b / s, atol=tol, rtol=tol)

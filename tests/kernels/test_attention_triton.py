@@ -251,15 +251,55 @@ def test_triton_key_lists_dispatch_sparse_lists_gather_dense_lists_mask(monkeypa
     assert calls == ["gather"]
 
 
-def test_triton_key_lists_with_bias_use_the_mask_kernel():
-    """A bias is not part of the gather kernel: the call goes to the block-sparse kernel's mask."""
+@pytest.mark.parametrize("extra", ["bias", "score_mod", "deterministic"])
+def test_triton_key_lists_mask_kernel_for_bias_score_mod_and_deterministic_mode(extra, monkeypatch):
+    """The gather kernel takes plain attention only, and not in deterministic mode (its backward
+    uses atomics): with a bias, a score mod or deterministic algorithms the lists become the mask."""
+    from zoo.kernels import keylist_triton
+    from zoo.kernels.layout import KeyListLayout
+    monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0)           # density alone would gather
+    calls = []
+    as_mask = KeyListLayout.as_mask
+    monkeypatch.setattr(KeyListLayout, "as_mask", lambda self: calls.append("mask") or as_mask(self))
+    monkeypatch.setattr(keylist_triton, "keylist_attention", lambda *a: calls.append("gather"))
     torch.manual_seed(5)
-    lay = zk.key_lists(_keylist_case(1, 2, 24, 24, 4, 1, 2, seed=5), 24, dense_rows=1)
-    q, k, v = (_r(1, 2, 24, 16) for _ in range(3))
-    bias = _r(1, 2, 24, 24)
-    o = zk.attention(q, k, v, lay, bias=bias, backend="triton")
-    o2, _ = dense_oracle(q.double(), k.double(), v.double(), lay, bias=bias.double())
+    lay = zk.key_lists(_keylist_case(1, 2, 25, 25, 4, 1, 2, seed=5), 25, dense_rows=1)
+    q, k, v = (_r(1, 2, 25, 16) for _ in range(3))
+    kw = dict(bias=_r(1, 2, 25, 25)) if extra == "bias" else \
+        dict(score_mod=zk.GaussianMixture(_r(1, 2), torch.rand(1, 2) + 0.5, (5, 5), num_prefix_tokens=0)) \
+        if extra == "score_mod" else {}
+    det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(extra == "deterministic", warn_only=True)
+    try:
+        o = zk.attention(q, k, v, lay, backend="triton", **kw)
+    finally:
+        torch.use_deterministic_algorithms(det)
+    assert calls == ["mask"]
+    dkw = {n: (t.double() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+    o2, _ = dense_oracle(q.double(), k.double(), v.double(), lay, **dkw)
     torch.testing.assert_close(o.double(), o2, atol=1e-5, rtol=1e-4)
+
+
+def test_triton_key_lists_longer_than_the_keys_next_to_dense_rows(monkeypatch):
+    """K > Lk (unused slots) in a block that also holds a dense row: every listed slot is walked."""
+    from zoo.kernels import keylist_triton
+    from zoo.kernels.layout import KeyListLayout
+    monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", float("inf"))       # K / Lk = 7 / 4
+    monkeypatch.setattr(KeyListLayout, "as_mask", None)                        # (the gather kernel only)
+    idx = torch.full((1, 1, 6, 7), -1, dtype=torch.long)
+    idx[0, 0, 1:, 4:6] = torch.tensor([[2, 0], [1, 3], [3, 2], [0, 1], [2, 3]])   # keys sit past slot Lk = 4
+    idx[0, 0, 3, 6] = 1
+    lay = zk.key_lists(idx, 4, dense_rows=1)
+    q, k, v = (_r(1, 1, L, 128).requires_grad_(True) for L in (6, 4, 4))     # D 128: 1-slot chunks
+    o, l = zk.attention(q, k, v, lay, return_lse=True, backend="triton")
+    g = torch.autograd.grad(o.square().sum() + l.sum(), (q, k, v))
+    dl = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    o2, l2 = dense_oracle(*dl, lay)
+    g2 = torch.autograd.grad(o2.square().sum() + l2.sum(), dl)
+    torch.testing.assert_close(o.double(), o2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(l.double(), l2, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g, g2):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
 
 
 def test_triton_key_lists_custom_op_opcheck():
@@ -269,3 +309,9 @@ def test_triton_key_lists_custom_op_opcheck():
     idx = _keylist_case(1, 2, 12, 12, 3, 1, 2, seed=6)
     q, k, v = (_r(1, 2, 12, 16).requires_grad_(True) for _ in range(3))
     torch.library.opcheck(torch.ops.zoo.attention_keylists.default, (q, k, v, idx, 12, 1, 0.5))
+    # q/k/v as head views of (B, L, H, D) buffers (dense, not contiguous); the backward op's
+    # outputs are contiguous and its fake must say so (inductor checks the strides)
+    q, k, v = (_r(1, 12, 2, 16).transpose(1, 2) for _ in range(3))
+    out, lse = torch.ops.zoo.attention_keylists(q, k, v, idx, 12, 1, 0.5)
+    torch.library.opcheck(torch.ops.zoo.attention_keylists_bwd.default,
+                          (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, idx, 12, 1, 0.5))
