@@ -167,9 +167,7 @@ class _Frame:
             out.narrow(self.perm.index(2), 0, dummy_rows).zero_()
         if has_pad:
             out.clamp_min_(0)
-        if scale != 1:
-            out.mul_(scale)
-        return out.add_(base).view(-1)
+        return torch.add(base, out, alpha=scale, out=out).view(-1)
 
 
 _FRAMES: "OrderedDict[tuple, _Frame]" = OrderedDict()
