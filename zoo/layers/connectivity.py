@@ -172,12 +172,17 @@ class ConnectivityPredictor(nn.Module):
         coef = logits.softmax(dim=-1)                             # (B, H, N - P, n)
         if recon:
             return coef @ up.transpose(-1, -2)
-        if 0 < self.coef_topk < coef.shape[-1]:
-            idx = _nonnegative_topk_indices(coef.detach(), self.coef_topk)      # softmax output: >= 0
-            coef = torch.zeros_like(coef).scatter_(-1, idx, coef.gather(-1, idx))
         basis = up.abs().transpose(-1, -2)
         basis = basis.masked_fill(basis <= self.basis_threshold, 0.0)
-        return coef @ basis
+        k = self.coef_topk
+        if not 0 < k < coef.shape[-1]:
+            return coef @ basis
+        idx = _nonnegative_topk_indices(coef.detach(), k)                       # softmax output: >= 0
+        val = coef.gather(-1, idx)
+        if basis.dim() == 2:         # one basis for all rows: a weighted sum of k basis rows per query
+            return F.embedding_bag(idx.reshape(-1, k), basis, mode="sum",
+                                   per_sample_weights=val.reshape(-1, k)).view(*coef.shape[:-1], basis.shape[-1])
+        return torch.zeros_like(coef).scatter_(-1, idx, val) @ basis      # per-sample basis (token pruning)
 
     def extra_repr(self) -> str:
         return (f"tokens={self.num_tokens}, grid={self.grid_size}, rank={self.reduced_n}, "
