@@ -113,13 +113,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Optiona
     _validate(q, k, v, layout, scale, bias, score_mod, backend, head_mix)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     be = "reference" if head_mix is not None else _choose_backend(q, backend)
-    if be == "triton" and isinstance(layout, KeyListLayout) and bias is None and score_mod is None:
-        from . import keylist_triton                        # gathers each query's listed keys
-        if keylist_triton.prefer_gather(layout, q.shape[0], q.shape[1]):
-            out, lse = keylist_triton.keylist_attention(q, k, v, layout, scale)
-            return (out, lse) if return_lse else out
-    if be != "reference" and isinstance(layout, KeyListLayout):
-        layout = layout.as_mask()     # the block-sparse kernels take key lists as their element mask
+    if be == "flex" and isinstance(layout, KeyListLayout):
+        layout = layout.as_mask()     # Flex takes key lists as their element mask
     if be == "reference":
         from .custom_op import reference_dispatch
         out, lse = reference_dispatch(q, k, v, layout, scale, bias, score_mod, return_lse, head_mix)

@@ -16,7 +16,7 @@ from typing import List, Tuple
 import torch
 
 from .bias import GaussianMixture, IndexedBias, RelPosBias
-from .layout import CausalLayout, MaskLayout, RoutedLayout, SegmentLayout, WindowLayout
+from .layout import CausalLayout, KeyListLayout, MaskLayout, RoutedLayout, SegmentLayout, WindowLayout
 from .lut import BlockLUT, build_lut, next_pow2
 
 try:  # triton is optional: without it only the reference backend exists
@@ -754,8 +754,16 @@ def check_inputs(q, k, v):
 
 
 def triton_attention(q, k, v, layout, scale, bias, score_mod, return_lse):
-    """Triton backend entry (CUDA, or CPU under TRITON_INTERPRET=1). Returns (out, lse)."""
+    """Triton backend entry (CUDA, or CPU under TRITON_INTERPRET=1). Returns (out, lse).
+
+    Key lists: plain attention on sparse lists runs on the gather kernel (keylist_triton.py);
+    otherwise the block-sparse kernels take the lists as their element mask."""
     check_inputs(q, k, v)
+    if isinstance(layout, KeyListLayout):
+        from . import keylist_triton
+        if bias is None and score_mod is None and keylist_triton.prefer_gather(layout, q.shape[0], q.shape[1]):
+            return keylist_triton.keylist_attention(q, k, v, layout, scale)
+        layout = layout.as_mask()
     q, k, v = _contig(q), _contig(k), _contig(v)
     if torch.compiler.is_compiling():
         from .custom_op import flatten

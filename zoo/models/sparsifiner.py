@@ -8,7 +8,8 @@ A DeiT ViT whose every attention layer carries a *connectivity predictor*
 (`zoo.layers.connectivity`): from the layer's own q, k it builds a low-rank approximation of the
 attention rows, keeps the top ceil(keep_rate * N) keys per query (cls row dense) and runs the real
 attention on those keys only, through `zoo.kernels.attention` (`key_lists` layout: the logits are
-computed only at kept pairs on CPU (sparse CSR products); on CUDA, keep rates up to 1/16 use a
+computed only at kept pairs on CPU (sampled logits, then an embedding bag of the kept value rows);
+on CUDA, keep rates up to 1/16 use a
 Triton kernel that gathers each query's listed keys, denser ones the block-sparse kernel on the
 element mask, whose tiles run on tensor cores).
 
