@@ -7,11 +7,10 @@ lim142857/Sparsifiner.
 A DeiT ViT whose every attention layer carries a *connectivity predictor*
 (`zoo.layers.connectivity`): from the layer's own q, k it builds a low-rank approximation of the
 attention rows, keeps the top ceil(keep_rate * N) keys per query (cls row dense) and runs the real
-attention on those keys only, through `zoo.kernels.attention` (`key_lists` layout: the logits are
-computed only at kept pairs on CPU (sampled logits, then an embedding bag of the kept value rows);
-on CUDA, keep rates up to 1/16 use a
-Triton kernel that gathers each query's listed keys, denser ones the block-sparse kernel on the
-element mask, whose tiles run on tensor cores).
+attention on those keys only, through `zoo.kernels.attention` (`key_lists` layout). On CPU only
+the kept pairs are computed (sampled logits, then an embedding bag of the kept value rows); on
+CUDA, keep rates up to 1/16 use a Triton kernel that gathers each query's listed keys, denser ones
+the block-sparse kernel on the element mask, whose tiles run on tensor cores.
 
 The network is timm's `VisionTransformer` with the attention module swapped, so the parameter
 names are timm's and `deit_*_patch16_224` weights load as they are; the predictors add
