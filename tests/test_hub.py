@@ -371,10 +371,8 @@ def test_unsafe_pickle_is_refused_by_the_pretrained_path(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def convert_tool():
-    spec = importlib.util.spec_from_file_location("convert_weights", REPO / "tools" / "convert_weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from zoo.cli import convert
+    return convert
 
 
 def test_convert_round_trip(tiny, convert_tool, tmp_path):

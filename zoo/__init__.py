@@ -2,7 +2,7 @@
 
 ``import zoo`` registers every zoo model with timm, so ``timm.create_model(name)`` builds it.
 """
-from ._registry import list_models, model_family, list_families
+from ._catalog import list_models, model_family, list_families
 from . import models  # noqa: F401  (registers every family with timm)
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 # Runtime shared by every config: registries, hooks, logging, environment.
-default_scope = 'mmengine'
+default_scope = 'zoo'  # the zoo's registries first (zoo.registry), then mmengine's
 custom_imports = dict(imports=['zoo.engine'], allow_failed_imports=False)
 
 default_hooks = dict(

@@ -5,7 +5,7 @@
 # total batch 16 (2 images x 8 GPUs), lr x0.1 at epoch 11. Upstream reports 48.8 AP (val2017).
 # Set `data_root` to a folder with annotations/instances_{train,val}2017.json, train2017/, val2017/.
 _base_ = ['../_base_/default_runtime.py']
-custom_imports = dict(imports=['zoo.engine', 'zoo.engine.detection'], allow_failed_imports=False)
+custom_imports = dict(imports=['zoo.engine', 'zoo.tasks.detection'], allow_failed_imports=False)
 
 data_root = 'data/coco'
 model = dict(

@@ -4,7 +4,7 @@
 # 480 iterations; measured val mAP 0.231 / AP50 0.332 after this schedule (model_cards/focus_detr.md).
 # On a shared CPU run it with OMP_NUM_THREADS=1.
 _base_ = ['../_base_/default_runtime.py']
-custom_imports = dict(imports=['zoo.engine', 'zoo.engine.detection'], allow_failed_imports=False)
+custom_imports = dict(imports=['zoo.engine', 'zoo.tasks.detection'], allow_failed_imports=False)
 
 model = dict(
     type='TimmDetector',

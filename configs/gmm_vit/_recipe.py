@@ -1,7 +1,7 @@
 # The reference recipe of the GMM-attention paper (CatworldLee/Gaussian-Mixture-Mask-Attention main.py
 # defaults): 100 epochs with 10 linear warm-up epochs then cosine, AdamW lr 1e-3 / wd 0.05, batch 128,
 # label smoothing 0.1, Mixup / CutMix (alpha 1, switched 50/50), AutoAugment (dataset policy, in the
-# dataset classes of zoo/engine/gmm_datasets.py), repeated augmentation x3, random erasing 0.25,
+# dataset classes of zoo/engine/datasets.py), repeated augmentation x3, random erasing 0.25,
 # stochastic depth 0.1. The reference mixes only half of the batches (mix_prob 0.5).
 _base_ = ['../_base_/default_runtime.py']
 

@@ -109,12 +109,8 @@ def test_infer_prints_dataset_class_names(trained, tmp_path):
 
 
 def _load_tool(name):
-    import importlib.util
-    from _engine_helpers import TOOLS
-    spec = importlib.util.spec_from_file_location(f"_zoo_tool_{name}", TOOLS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import importlib
+    return importlib.import_module(f"zoo.cli.{name}")
 
 
 def test_test_tool_pretrained_name(trained, tmp_path):

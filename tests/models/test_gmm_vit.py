@@ -331,7 +331,7 @@ def test_configs_build():
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    from zoo.engine.gmm_datasets import Cifar100Dataset, TinyImageNetDataset
+    from zoo.engine.datasets import Cifar100Dataset, TinyImageNetDataset
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
         Cifar100Dataset(data_root=str(tmp_path), split="train")
     with pytest.raises(FileNotFoundError, match="tiny-imagenet"):

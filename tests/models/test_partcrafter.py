@@ -402,7 +402,7 @@ def test_registered_models_and_meta_param_count():
 def test_task_dataset_loss_and_metric():
     from mmengine.dataset import pseudo_collate
 
-    from zoo.engine.partcrafter_task import (PartChamferMetric, PartObjectsDataset, RectifiedFlowPartModel, chamfer,
+    from zoo.tasks.part_generation import (PartChamferMetric, PartObjectsDataset, RectifiedFlowPartModel, chamfer,
                                              matched_part_chamfer)
     a = PartObjectsDataset("val", num_samples=4, points_per_part=16, num_cond=8)
     b = PartObjectsDataset("val", num_samples=4, points_per_part=16, num_cond=8)
@@ -431,7 +431,7 @@ def test_task_dataset_loss_and_metric():
                                   "partcrafter_dit_tiny_parts_local_only"])
 def test_configs_load_and_build(name):
     from mmengine.config import Config
-    from mmengine.registry import MODELS
+    from zoo.registry import MODELS
 
     import zoo.engine  # noqa: F401
     cfg = Config.fromfile(str(CONFIGS / f"{name}.py"))

@@ -460,7 +460,7 @@ def test_rigging_dataset_metric_and_config():
     from mmengine.config import Config
     from mmengine.dataset import pseudo_collate
 
-    from zoo.engine.rigging import ArticulatedShapesDataset, SkinningMetric, SkinningModel, skinning_scores
+    from zoo.tasks.rigging import ArticulatedShapesDataset, SkinningMetric, SkinningModel, skinning_scores
 
     ds = ArticulatedShapesDataset("val", num_samples=6, num_points=64, num_shape_points=16, max_joints=8)
     ds2 = ArticulatedShapesDataset("val", num_samples=6, num_points=64, num_shape_points=16, max_joints=8)

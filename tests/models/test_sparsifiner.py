@@ -191,7 +191,7 @@ def test_bad_input_errors():
 def test_engine_phases_losses():
     from mmengine.structures import BaseDataElement
 
-    from zoo.engine.sparsifiner_model import SparsifinerClassifier
+    from zoo.recipes.sparsifiner import SparsifinerClassifier
     kw = dict(model_name="sparsifiner_deit_tiny_patch16_224", num_classes=10,
               model_kwargs=dict(img_size=32, patch_size=8, depth=2))
     x = torch.randn(2, 3, 32, 32)
@@ -439,7 +439,7 @@ def test_token_pruning_keeps_top_cls_attention_tokens():
 def test_engine_lvvit_distillation_views_and_pruning():
     from mmengine.structures import BaseDataElement
 
-    from zoo.engine.sparsifiner_model import SparsifinerClassifier
+    from zoo.recipes.sparsifiner import SparsifinerClassifier
     torch.manual_seed(0)
     kw = dict(model_name="sparsifiner_lvvit_s_224", num_classes=5,
               model_kwargs=dict(img_size=32, embed_dim=32, depth=2, num_heads=2,

@@ -1,21 +1,20 @@
-"""mmengine integration: importing this registers the zoo's models, datasets, metrics and
-compatibility fixes in mmengine's root registries (configs use ``default_scope='mmengine'``)."""
+"""Generic mmengine glue: the classification model and its data preprocessor, datasets, samplers,
+metrics, compatibility fixes, config checks, export and inference.
+
+Importing it registers these components in the zoo's registries (scope ``'zoo'``, see
+:mod:`zoo.registry`). Task-specific components (detection, 3-D segmentation, rigging, part
+generation) live in :mod:`zoo.tasks`, family-specific training recipes in :mod:`zoo.recipes`; both
+use only the public names exported here.
+"""
 import zoo  # noqa: F401  (registers zoo models with timm)
 
 from . import compat  # noqa: F401  (checkpoint allow-list, CPU-friendly DDP wrapper)
-from .datasets import DigitsDataset, ImageFolderDataset
+from .datasets import (Cifar10Dataset, Cifar100Dataset, ClsDataset, DigitsDataset, ImageFolderDataset, SvhnDataset,
+                       TinyImageNetDataset, check_split)
 from .metrics import Accuracy, topk_accuracy
-from .model import ClsDataPreprocessor, TimmClassifier, check_model_name
+from .model import ClsDataPreprocessor, TimmClassifier, build_data_preprocessor, check_model_name, gt_labels
+from .samplers import RepeatAugSampler
 
-# Family-specific engine modules (detection, 3-D segmentation, ...) register themselves on import;
-# they are discovered like the model families so that adding a task is adding a file.
-import importlib as _importlib
-import pkgutil as _pkgutil
-
-_CORE = {"compat", "datasets", "metrics", "model", "config_check", "export", "inference"}
-for _m in _pkgutil.iter_modules(__path__):
-    if not _m.name.startswith("_") and _m.name not in _CORE:
-        _importlib.import_module(f"{__name__}.{_m.name}")
-
-__all__ = ["TimmClassifier", "ClsDataPreprocessor", "DigitsDataset", "ImageFolderDataset", "Accuracy",
-           "topk_accuracy", "check_model_name"]
+__all__ = ["TimmClassifier", "ClsDataPreprocessor", "build_data_preprocessor", "check_model_name", "gt_labels",
+           "ClsDataset", "check_split", "DigitsDataset", "ImageFolderDataset", "Cifar10Dataset", "Cifar100Dataset",
+           "SvhnDataset", "TinyImageNetDataset", "RepeatAugSampler", "Accuracy", "topk_accuracy"]

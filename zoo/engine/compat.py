@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.model import MMDistributedDataParallel
-from mmengine.registry import MODEL_WRAPPERS
+
+from zoo.registry import MODEL_WRAPPERS
 
 __all__ = ["allow_mmengine_checkpoints", "ZooDistributedDataParallel", "init_distributed",
            "guard_dataloaders", "load_checkpoint_file", "sync_buffers_in_ddp", "amp_optim_wrapper"]
@@ -109,6 +110,11 @@ def init_distributed(cfg, launcher: str) -> None:
     if cfg.get("model_wrapper_cfg") is None:
         cfg.model_wrapper_cfg = dict(type="ZooDistributedDataParallel", broadcast_buffers=False,
                                      find_unused_parameters=cfg.get("find_unused_parameters", False))
+    wrapper_type = cfg.model_wrapper_cfg.get("type")
+    if isinstance(wrapper_type, str) and "." not in wrapper_type and wrapper_type in MODEL_WRAPPERS.module_dict:
+        # mmengine's Runner looks the wrapper up with MODEL_WRAPPERS.get(), which ignores the
+        # default scope: name the zoo's own wrapper with its scope.
+        cfg.model_wrapper_cfg["type"] = f"zoo.{wrapper_type}"
     if torch.cuda.is_available():
         return
     env_cfg = cfg.get("env_cfg") or {}

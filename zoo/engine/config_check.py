@@ -4,7 +4,7 @@ mmengine silently ignores a misspelt top-level key (``trian_cfg``) and reports a
 only deep inside a build. :func:`check_config` catches both and suggests the intended name.
 """
 import difflib
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import mmengine.registry as reg
 
@@ -63,6 +63,14 @@ def _lookup(cfg, dotted: str) -> list:
     return list(node) if isinstance(node, (list, tuple)) else [node]
 
 
+def _scoped(registry, scope: Optional[str]):
+    """The registry a Runner with ``default_scope=scope`` builds from (the zoo's child for 'zoo')."""
+    if scope:
+        with registry.switch_scope_and_registry(scope) as scoped:
+            return scoped
+    return registry
+
+
 def _names(registries: Iterable) -> List[str]:
     out = set()
     for r in registries:
@@ -83,7 +91,8 @@ def _type_known(name: str, registries: Tuple) -> bool:
 
 
 def check_config(cfg, filename: str = "config") -> None:
-    """Raise ValueError for a top-level key that looks like a typo, or a ``type`` no registry knows."""
+    """Raise ValueError for a top-level key that looks like a typo, or a ``type`` no registry knows
+    (looked up in the config's ``default_scope``, the zoo's by default)."""
     known = set(KNOWN_TOP_LEVEL_KEYS)
     for key in cfg.keys():
         if key in known or key.startswith("_"):
@@ -91,7 +100,9 @@ def check_config(cfg, filename: str = "config") -> None:
         close = difflib.get_close_matches(key, KNOWN_TOP_LEVEL_KEYS, n=1, cutoff=0.8)
         if close:  # other unknown keys are allowed: configs keep helper variables (img_size = ...)
             raise ValueError(f"{filename}: unknown top-level key {key!r}; did you mean {close[0]!r}?")
+    scope = cfg.get("default_scope") or "zoo"
     for site, registries in _BUILD_SITES:
+        registries = tuple(_scoped(r, scope) for r in registries)
         for i, item in enumerate(_lookup(cfg, site)):
             if not isinstance(item, dict) or not isinstance(item.get("type"), str):
                 continue
@@ -103,7 +114,7 @@ def check_config(cfg, filename: str = "config") -> None:
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise ValueError(f"{filename}: {where}.type={name!r} is not registered in "
                              f"{'/'.join(r.name for r in registries)}{hint} (is `custom_imports` "
-                             "importing the module that registers it, e.g. zoo.engine?)")
+                             "importing the module that registers it, e.g. zoo.tasks.detection?)")
 
 
 def load_config(path: str, cfg_options=None, launcher: str = "none", work_dir=None):
@@ -118,6 +129,8 @@ def load_config(path: str, cfg_options=None, launcher: str = "none", work_dir=No
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+    if cfg.get("default_scope") is None:  # as OpenMMLab tools do: their own scope unless the config names one
+        cfg.default_scope = "zoo"
     check_config(cfg, path)
     cfg.launcher = launcher
     if work_dir:

@@ -107,7 +107,7 @@ def load_model(model_or_ckpt: str, model_name: Optional[str] = None, num_classes
         except Exception as e:
             raise RuntimeError(f"could not load pretrained weights for {model_or_ckpt!r}: {e} "
                                "(weights download on first use; offline, the cache must already hold them)") from e
-    # detectors (a network with postprocess(), see zoo.engine.detection) default to 'detection'
+    # detectors (a network with postprocess(), see zoo.tasks.detection) default to 'detection'
     default_task = "detection" if hasattr(model, "postprocess") else "classification"
     info["task"] = (getattr(model, "pretrained_cfg", None) or {}).get("task") or default_task
     return model.eval().to(device), info
@@ -198,6 +198,8 @@ def run(model_or_ckpt: str, inputs: Sequence[str], topk: int = 5, model_name: Op
     files = find_images(inputs)
     model, info = load_model(model_or_ckpt, model_name, num_classes, device)
     task = task or info["task"]
+    if task not in OUTPUT_HANDLERS:
+        import zoo.tasks  # noqa: F401  (the task modules register their output handlers)
     if task not in OUTPUT_HANDLERS:
         raise ValueError(f"no inference handler for task {task!r}; known: {', '.join(OUTPUT_HANDLERS)}")
     run_fn, print_fn = OUTPUT_HANDLERS[task]

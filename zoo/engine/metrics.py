@@ -3,7 +3,8 @@ from typing import Sequence, Union
 
 import torch
 from mmengine.evaluator import BaseMetric
-from mmengine.registry import METRICS
+
+from zoo.registry import METRICS
 
 __all__ = ["Accuracy", "topk_accuracy"]
 

@@ -12,13 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseDataPreprocessor, BaseModel
-from mmengine.registry import MODELS
 from mmengine.structures import BaseDataElement
 from timm.data import resolve_data_config
 from timm.data.mixup import cutmix_bbox_and_lam
 from timm.models import get_arch_name
 
-__all__ = ["ClsDataPreprocessor", "TimmClassifier", "check_model_name"]
+from zoo.registry import MODELS
+
+__all__ = ["ClsDataPreprocessor", "TimmClassifier", "build_data_preprocessor", "check_model_name", "gt_labels"]
 
 
 def check_model_name(model_name: str) -> None:
@@ -33,6 +34,14 @@ def check_model_name(model_name: str) -> None:
     raise ValueError(
         f"unknown model name {model_name!r}: it is neither a timm nor a zoo model "
         f"(see timm.list_models() / zoo.list_models()).{hint}")
+
+
+def build_data_preprocessor(cfg: Optional[Union[dict, nn.Module]], default_type: str) -> nn.Module:
+    """A model wrapper's data preprocessor from a config (built in the zoo scope, so it resolves
+    without a Runner's default scope) or a module; ``None`` gives ``default_type``."""
+    if isinstance(cfg, nn.Module):
+        return cfg
+    return MODELS.build(dict(type=default_type) if cfg is None else cfg)
 
 
 @MODELS.register_module()
@@ -93,7 +102,8 @@ class ClsDataPreprocessor(BaseDataPreprocessor):
         return dict(inputs=inputs, data_samples=data.get("data_samples"))
 
 
-def _labels(data_samples: Sequence[BaseDataElement], device) -> torch.Tensor:
+def gt_labels(data_samples: Sequence[BaseDataElement], device) -> torch.Tensor:
+    """The batch's ``gt_label`` fields as a long tensor on ``device``."""
     if data_samples is None or any("gt_label" not in ds for ds in data_samples):
         raise ValueError("mode='loss' needs data_samples with a gt_label field")
     return torch.as_tensor([int(ds.gt_label) for ds in data_samples], dtype=torch.long, device=device)
@@ -128,9 +138,8 @@ class TimmClassifier(BaseModel):
         import zoo  # noqa: F401  (registers zoo models with timm)
 
         check_model_name(model_name)
-        if data_preprocessor is None:
-            data_preprocessor = dict(type="ClsDataPreprocessor")
-        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        super().__init__(data_preprocessor=build_data_preprocessor(data_preprocessor, "ClsDataPreprocessor"),
+                         init_cfg=init_cfg)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if mixup_alpha < 0 or cutmix_alpha < 0:
@@ -219,7 +228,7 @@ class TimmClassifier(BaseModel):
         return inputs, target * lam + target.roll(1, dims=0) * (1.0 - lam)
 
     def loss(self, inputs: torch.Tensor, data_samples: List[BaseDataElement]) -> Dict[str, torch.Tensor]:
-        labels = _labels(data_samples, inputs.device)
+        labels = gt_labels(data_samples, inputs.device)
         if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
             off = self.label_smoothing / self.num_classes
             target = torch.full((labels.shape[0], self.num_classes), off, device=inputs.device)

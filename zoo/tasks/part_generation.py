@@ -1,7 +1,7 @@
 """PartCrafter glue for the Runner: an embedded procedural multi-part object set, the rectified-flow
 training wrapper, and a per-part Chamfer metric.
 
-Registered in mmengine's root registries on import (``zoo.engine`` imports this module).
+Registered in the zoo's mmengine registries on import (``zoo.tasks`` imports this module).
 
 * :class:`PartObjectsDataset`: each object is 1..``max_parts`` primitives (sphere, box, cylinder,
   cone, torus) with random size, aspect, orientation and position. A part is ``T`` points sampled on
@@ -29,9 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.evaluator import BaseMetric
 from mmengine.model import BaseDataPreprocessor, BaseModel
-from mmengine.registry import DATASETS, METRICS, MODELS
 from mmengine.structures import BaseDataElement
 from torch.utils.data import Dataset
+
+from zoo.engine import build_data_preprocessor, check_model_name
+from zoo.registry import DATASETS, METRICS, MODELS
 
 __all__ = ["make_part", "make_object", "fourier_encode", "PartObjectsDataset", "PartDataPreprocessor",
            "RectifiedFlowPartModel", "PartChamferMetric", "chamfer", "matched_part_chamfer"]
@@ -190,12 +192,9 @@ class RectifiedFlowPartModel(BaseModel):
         import timm
 
         import zoo  # noqa: F401
-        from zoo.engine.model import check_model_name
 
         check_model_name(model_name)
-        if data_preprocessor is None:
-            data_preprocessor = dict(type="PartDataPreprocessor")
-        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        super().__init__(data_preprocessor=build_data_preprocessor(data_preprocessor, "PartDataPreprocessor"), init_cfg=init_cfg)
         self.model = timm.create_model(model_name, pretrained=pretrained, **(model_kwargs or {}))
         if not hasattr(self.model, "global_block_ids"):
             raise TypeError(f"{model_name!r} is not a zoo PartCrafter DiT")

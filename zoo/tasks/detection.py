@@ -1,8 +1,7 @@
 """Object detection glue for the Runner: COCO-json datasets, padding preprocessor, detector wrapper,
 COCO metric (pycocotools) and an embedded, deterministic detection set built from real pixels.
 
-Registered in mmengine's root registries on import (configs list ``zoo.engine.detection`` in
-``custom_imports``). Data flow:
+Registered in the zoo's mmengine registries on import. Data flow:
 
 * dataset item: ``dict(inputs=CHW uint8 tensor, data_samples=BaseDataElement)``; the sample holds
   ``img_id``, ``ori_shape`` (h, w of the file), ``img_shape`` (after resize), ``scale_factor``
@@ -12,6 +11,8 @@ Registered in mmengine's root registries on import (configs list ``zoo.engine.de
 * :class:`TimmDetector` predicts ``pred_instances`` (``bboxes`` xyxy in pixels of the original
   image, ``scores``, ``labels``).
 * :class:`CocoMetric` reports the 12 COCO bbox stats as ``coco/bbox_mAP`` ...
+* :func:`detect` (tools/infer.py's ``'detection'`` output): boxes above a score threshold, drawn on
+  the image.
 """
 import contextlib
 import io
@@ -30,12 +31,17 @@ import torch.nn.functional as F
 from mmengine.evaluator import BaseMetric
 from mmengine.logging import print_log
 from mmengine.model import BaseDataPreprocessor, BaseModel
-from mmengine.registry import DATASETS, METRICS, MODELS
 from mmengine.structures import BaseDataElement, InstanceData
+from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from zoo.engine import build_data_preprocessor, check_model_name
+from zoo.engine.inference import class_names, register_output_handler
+from zoo.registry import DATASETS, METRICS, MODELS
+
 __all__ = ["CocoDetection", "DigitsDetection", "make_digits_detection_set", "DetDataPreprocessor",
-           "TimmDetector", "CocoMetric", "COCO_STAT_NAMES", "resize_boxes", "flip_boxes"]
+           "TimmDetector", "CocoMetric", "COCO_STAT_NAMES", "resize_boxes", "flip_boxes", "target_size",
+           "detect", "draw_detections", "resize_settings"]
 
 COCO_STAT_NAMES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l",
                    "bbox_AR_1", "bbox_AR_10", "bbox_AR_100", "bbox_AR_s", "bbox_AR_m", "bbox_AR_l")
@@ -65,7 +71,7 @@ def _resize_image(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return out[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def _target_size(h: int, w: int, short: int, max_size: Optional[int]) -> Tuple[int, int]:
+def target_size(h: int, w: int, short: int, max_size: Optional[int]) -> Tuple[int, int]:
     """DETR resize: shorter side to ``short`` unless the longer side would exceed ``max_size``."""
     s = short / min(h, w)
     if max_size is not None and max(h, w) * s > max_size:
@@ -169,7 +175,7 @@ class CocoDetection(Dataset):
             h, w = max(1, int(round(h0 * s))), max(1, int(round(w0 * s)))
         else:
             short = random.choice(self.scales) if not self.test_mode else self.scales[-1]
-            h, w = _target_size(h0, w0, short, self.max_size)
+            h, w = target_size(h0, w0, short, self.max_size)
         img = _resize_image(img, h, w)
         sx, sy = w / w0, h / h0
         boxes = resize_boxes(boxes, sx, sy)
@@ -366,12 +372,9 @@ class TimmDetector(BaseModel):
         import timm
 
         import zoo  # noqa: F401
-        from zoo.engine.model import check_model_name
 
         check_model_name(model_name)
-        if data_preprocessor is None:
-            data_preprocessor = dict(type="DetDataPreprocessor")
-        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        super().__init__(data_preprocessor=build_data_preprocessor(data_preprocessor, "DetDataPreprocessor"), init_cfg=init_cfg)
         self.model_name = model_name
         self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes,
                                        **(model_kwargs or {}))
@@ -543,3 +546,118 @@ class CocoMetric(BaseMetric):
                 name = gt.cats[cid]["name"] if cid in gt.cats else str(cid)
                 out[f"bbox_{name}_precision"] = float(p.mean()) if p.size else float("nan")
         return out
+
+
+# ------------------------------------------------------------------------------------------------
+# inference (tools/infer.py): boxes above a score threshold, drawn on the image
+# ------------------------------------------------------------------------------------------------
+_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190))
+
+
+def resize_settings(model: torch.nn.Module, info: dict) -> Tuple[int, Optional[int]]:
+    """(shorter side, cap on the longer side): the training set's resize if the checkpoint saved it,
+    else the model cfg's ``input_size`` (e.g. 800 x 1333 -> short 800, long <= 1333)."""
+    ds = info.get("dataset_cfg") or {}
+    if ds.get("scales"):
+        scales = ds["scales"]
+        scales = [scales] if isinstance(scales, int) else list(scales)
+        return int(max(scales)), ds.get("max_size")
+    size = ((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 800, 1333))[1:]
+    return int(min(size)), int(max(size))
+
+
+def _prepare(path: str, model: torch.nn.Module, short: int, max_size: Optional[int]):
+    """Image file -> (original PIL image, normalised (C, h, w) tensor at the inference size)."""
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = pcfg.get("mean") or (0.485, 0.456, 0.406)
+    std = pcfg.get("std") or (0.229, 0.224, 0.225)
+    try:
+        img = Image.open(path).convert("RGB")
+    except Exception as e:
+        raise ValueError(f"cannot read image {path!r}: {e}") from e
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
+    x = x.permute(2, 0, 1).float() / 255.0
+    h, w = target_size(img.height, img.width, short, max_size)
+    if (h, w) != (img.height, img.width):
+        x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+    in_chans = len(mean)
+    if in_chans == 1:
+        x = x.mean(0, keepdim=True)
+    elif in_chans != 3:
+        raise ValueError(f"detection inference supports 1- or 3-channel models, this one has {in_chans}")
+    x = (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    return img, x
+
+
+def draw_detections(img: Image.Image, detections: Sequence[dict], path: str) -> str:
+    """Draw each detection's box and ``name score`` label on a copy of ``img`` and save it."""
+    canvas = img.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    width = max(1, round(min(canvas.size) / 200))
+    for d in detections:
+        color = _PALETTE[d["label"] % len(_PALETTE)]
+        x0, y0, x1, y1 = d["box"]
+        draw.rectangle((x0, y0, max(x0, x1), max(y0, y1)), outline=color, width=width)
+        text = f"{d['name']} {d['score']:.2f}"
+        tx, ty = x0, max(0, y0 - 11)
+        l, t, r, b = draw.textbbox((tx, ty), text)
+        draw.rectangle((l, t, r, b), fill=color)
+        draw.text((tx, ty), text, fill=(0, 0, 0))
+    canvas.save(path)
+    return path
+
+
+def detect(model: torch.nn.Module, info: dict, files: Sequence[str], topk: int = 5, score_thr: float = 0.3,
+           out_dir: Optional[str] = "infer_out", size_divisor: int = 32) -> List[dict]:
+    """Per image: detections (``label``, ``name``, ``score``, ``box`` xyxy in the input's pixels),
+    best first, at most ``topk`` with score >= ``score_thr``; writes ``<out_dir>/<stem>_det.png``."""
+    if not hasattr(model, "postprocess"):
+        raise TypeError(f"task 'detection' needs a zoo detector with postprocess(); got {type(model).__name__}")
+    if not 0.0 <= score_thr <= 1.0:
+        raise ValueError(f"score threshold must be in [0, 1], got {score_thr}")
+    names = class_names(model, info)
+    short, max_size = resize_settings(model, info)
+    device = next(model.parameters()).device
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    out = []
+    for f in files:
+        img, x = _prepare(f, model, short, max_size)
+        h, w = x.shape[-2:]
+        d = max(1, size_divisor)
+        H, W = -(-h // d) * d, -(-w // d) * d
+        batch = F.pad(x, (0, W - w, 0, H - h))[None].to(device)
+        mask = torch.ones(1, H, W, dtype=torch.bool, device=device)
+        mask[:, :h, :w] = False
+        with torch.no_grad():
+            res = model.postprocess(model(batch, mask), [(h, w)])[0]
+        scale = torch.tensor([img.width / w, img.height / h] * 2)
+        boxes = res["boxes"].float().cpu() * scale
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, img.width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, img.height)
+        scores, labels = res["scores"].float().cpu(), res["labels"].cpu()
+        order = scores.argsort(descending=True)
+        order = order[scores[order] >= score_thr][:topk]
+        dets = [dict(label=int(labels[i]), name=names[int(labels[i])], score=float(scores[i]),
+                     box=[round(float(v), 2) for v in boxes[i]]) for i in order]
+        r = dict(file=f, width=img.width, height=img.height, detections=dets)
+        if out_dir:
+            stem = os.path.splitext(os.path.basename(f))[0]
+            r["output"] = draw_detections(img, dets, os.path.join(out_dir, f"{stem}_det.png"))
+        out.append(r)
+    return out
+
+
+def _print_detections(results: List[dict]) -> None:
+    for r in results:
+        print(f"{r['file']} ({r['width']}x{r['height']}): {len(r['detections'])} detections")
+        for t in r["detections"]:
+            x0, y0, x1, y1 = t["box"]
+            print(f"  {t['name']} (class {t['label']}): {t['score']:.3f} "
+                  f"box=[{x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f}]")
+        if r.get("output"):
+            print(f"  -> {r['output']}")
+
+
+register_output_handler("detection", detect, _print_detections)

@@ -20,9 +20,9 @@ from typing import Dict, List, Optional
 import timm
 import torch
 import torch.nn.functional as F
-from mmengine.registry import MODELS
 
-from .model import TimmClassifier, _labels
+from zoo.engine import TimmClassifier, gt_labels
+from zoo.registry import MODELS
 
 __all__ = ["SparsifinerClassifier"]
 
@@ -100,7 +100,7 @@ class SparsifinerClassifier(TimmClassifier):
     def loss(self, inputs: torch.Tensor, data_samples) -> Dict[str, torch.Tensor]:
         if self.phase == "dense":
             return super().loss(inputs, data_samples)
-        labels = _labels(data_samples, inputs.device)
+        labels = gt_labels(data_samples, inputs.device)
         if self.phase == "predictor":
             out = self.model.forward_aux(inputs)
             rec = sum(((l["approx_attn"].float() - l["attn"].float()) ** 2).sum() for l in out["layers"])

@@ -1,7 +1,7 @@
 """3-D (MRI) segmentation glue for the Runner: NIfTI datasets, an embedded MRI set, the segmentation
 model wrapper, Dice + patient-wise detection metrics, and NIfTI/PNG inference.
 
-Registered in mmengine's root registries on import (``zoo.engine`` imports this module). Data flow:
+Registered in the zoo's mmengine registries on import (``zoo.tasks`` imports this module). Data flow:
 
 * dataset item: ``dict(inputs=(1, D1, D2, D3) float tensor in [0, 1], data_samples=BaseDataElement)``;
   the sample holds ``gt_mask`` ((D1, D2, D3) long labels) and ``case_id``.
@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from mmengine.evaluator import BaseMetric
 from mmengine.logging import print_log
 from mmengine.model import BaseDataPreprocessor, BaseModel
-from mmengine.registry import DATASETS, METRICS, MODELS
 from mmengine.structures import BaseDataElement
 from torch.utils.data import Dataset
+
+from zoo.engine import build_data_preprocessor, check_model_name
+from zoo.registry import DATASETS, METRICS, MODELS
 
 __all__ = ["load_nifti", "resample_isotropic", "normalize_intensity", "resize_volume", "preprocess_volume",
            "augment_volume", "NiftiSegDataset", "EmbeddedMRISegDataset", "make_embedded_mri_set",
@@ -345,12 +347,9 @@ class Segmentation3DModel(BaseModel):
         import timm
 
         import zoo  # noqa: F401
-        from zoo.engine.model import check_model_name
 
         check_model_name(model_name)
-        if data_preprocessor is None:
-            data_preprocessor = dict(type="Seg3dDataPreprocessor")
-        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        super().__init__(data_preprocessor=build_data_preprocessor(data_preprocessor, "Seg3dDataPreprocessor"), init_cfg=init_cfg)
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
         self.model_name = model_name
@@ -534,7 +533,7 @@ def infer_nifti(model_or_ckpt: Union[str, nn.Module], inputs: Sequence[str], out
     if isinstance(model_or_ckpt, nn.Module):
         model, info = model_or_ckpt.eval().to(device), {}
     else:
-        from .inference import load_model
+        from zoo.engine.inference import load_model
         model, info = load_model(model_or_ckpt, model_name, None, device)
     if not hasattr(model, "predict_proba"):
         raise TypeError("infer_nifti needs a zoo 3-D segmenter (with predict_proba())")

@@ -9,7 +9,7 @@ from mmengine.structures import BaseDataElement
 
 nib = pytest.importorskip("nibabel")  # optional dependency ([medical] extra); installed in CI
 
-from zoo.engine.seg3d import (EmbeddedMRISegDataset, NiftiSegDataset, SegDetectionMetric, Segmentation3DModel,  # noqa: E402
+from zoo.tasks.seg3d import (EmbeddedMRISegDataset, NiftiSegDataset, SegDetectionMetric, Segmentation3DModel,  # noqa: E402
                               detection_stats, dice_score, infer_nifti, make_embedded_mri_set, normalize_intensity,
                               resample_isotropic, soft_dice_loss)
 

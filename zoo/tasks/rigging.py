@@ -1,7 +1,7 @@
 """Rigging glue for the Runner (Puppeteer): an embedded set of procedural articulated shapes, the
 skinning model wrapper, and the paper's skinning metrics plus a skeleton-token round trip.
 
-Registered in mmengine's root registries on import (``zoo.engine`` imports this module).
+Registered in the zoo's mmengine registries on import (``zoo.tasks`` imports this module).
 
 * dataset item: ``dict(inputs=dict(points (Np, 6), joints (J, 6), parents (J,), valid (J,), shape (Ns, 6)),
   data_samples=BaseDataElement)``; J = ``max_joints`` (padded), the sample holds ``gt_skin`` (Np, J),
@@ -22,9 +22,11 @@ import torch
 import torch.nn as nn
 from mmengine.evaluator import BaseMetric
 from mmengine.model import BaseDataPreprocessor, BaseModel
-from mmengine.registry import DATASETS, METRICS, MODELS
 from mmengine.structures import BaseDataElement
 from torch.utils.data import Dataset
+
+from zoo.engine import build_data_preprocessor, check_model_name
+from zoo.registry import DATASETS, METRICS, MODELS
 
 __all__ = ["make_articulated_shape", "make_articulated_set", "ArticulatedShapesDataset", "RiggingDataPreprocessor",
            "SkinningModel", "SkinningMetric", "skinning_scores"]
@@ -231,12 +233,9 @@ class SkinningModel(BaseModel):
         import timm
 
         import zoo  # noqa: F401
-        from zoo.engine.model import check_model_name
 
         check_model_name(model_name)
-        if data_preprocessor is None:
-            data_preprocessor = dict(type="RiggingDataPreprocessor")
-        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        super().__init__(data_preprocessor=build_data_preprocessor(data_preprocessor, "RiggingDataPreprocessor"), init_cfg=init_cfg)
         self.model = timm.create_model(model_name, pretrained=pretrained, **(model_kwargs or {}))
         if not hasattr(self.model, "forward_head") or not hasattr(self.model, "skeleton_condition"):
             raise TypeError(f"{model_name!r} is not a zoo skinning network")

@@ -1,18 +1,26 @@
-"""Detection glue: box-aware transforms, padding preprocessor, COCO metric on pycocotools, the
-embedded digits set, the detector wrapper, configs, and tools/test.py printing the 12 COCO stats."""
+"""Detection task: box-aware transforms, padding preprocessor, COCO metric on pycocotools, the
+embedded digits set, the detector wrapper, configs, tools/test.py printing the 12 COCO stats, and
+tools/infer.py on a detector (task chosen from the model, boxes in input pixels, score threshold /
+top-k, drawn PNG and JSON output)."""
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from mmengine.config import Config
-from mmengine.registry import DATASETS, METRICS, MODELS
 from mmengine.structures import BaseDataElement, InstanceData
+from PIL import Image
 
-import zoo.engine  # noqa: F401
-from zoo.engine.detection import (COCO_STAT_NAMES, CocoDetection, CocoMetric, DetDataPreprocessor, DigitsDetection,
-                                  TimmDetector, make_digits_detection_set, padding_masks)
+from _engine_helpers import run_tool
+
+from zoo.engine.inference import OUTPUT_HANDLERS, load_model
+from zoo.registry import DATASETS, METRICS, MODELS
+from zoo.tasks import detection
+from zoo.tasks.detection import (COCO_STAT_NAMES, CocoDetection, CocoMetric, DetDataPreprocessor, DigitsDetection,
+                                 TimmDetector, _PALETTE, detect, draw_detections, make_digits_detection_set,
+                                 padding_masks)
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
@@ -21,7 +29,6 @@ CFG_DIR = REPO / "configs" / "focus_detr"
 
 def _write_coco(root: Path, rects, size=(60, 100), name="ann.json"):
     """One image with white rectangles (xyxy) on black; boxes = the rectangles."""
-    from PIL import Image
 
     h, w = size
     img = np.zeros((h, w, 3), np.uint8)
@@ -236,7 +243,6 @@ def test_configs_load(name):
 
 def test_tools_test_prints_12_coco_stats(tmp_path, capsys):
     """tools/test.py builds everything from the config (registered dataset, model and metric)."""
-    import importlib.util
 
     cfg = Config.fromfile(str(CFG_DIR / "focus_detr_tiny_digits.py"))
     torch.manual_seed(0)
@@ -244,9 +250,7 @@ def test_tools_test_prints_12_coco_stats(tmp_path, capsys):
     ckpt = tmp_path / "tiny.pth"
     torch.save(dict(state_dict=model.state_dict(), meta=dict()), ckpt)
     root = tmp_path / "digits"
-    spec = importlib.util.spec_from_file_location("zoo_tools_test", REPO / "tools" / "test.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from zoo.cli import test as tool
     tool.main([str(CFG_DIR / "focus_detr_tiny_digits.py"), str(ckpt), "--work-dir", str(tmp_path / "w"),
                "--cfg-options", f"test_dataloader.dataset.data_root={root}", "test_dataloader.dataset.num_train=4",
                "test_dataloader.dataset.num_val=6", f"val_dataloader.dataset.data_root={root}"])
@@ -256,3 +260,111 @@ def test_tools_test_prints_12_coco_stats(tmp_path, capsys):
     assert [k for k in metrics if k.startswith("coco/")] == [f"coco/{n}" for n in COCO_STAT_NAMES]
     assert all(-1.0 <= v <= 1.0 for v in metrics.values())
     assert "Average Precision" in out.out + out.err
+
+
+# -- tools/infer.py on a detector ------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _detection_handler():
+    """test_engine_units' handler test registers and pops a dummy 'detection' handler; make sure
+    the real one is in place whatever ran before."""
+    OUTPUT_HANDLERS["detection"] = (detection.detect, detection._print_detections)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """focus_detr_tiny with random weights saved as safetensors, and a 120 x 90 photo."""
+    from safetensors.torch import save_file
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("det_infer")
+    torch.manual_seed(0)
+    model = timm.create_model("focus_detr_tiny").eval()
+    weights = root / "focus_detr_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    img = root / "astronaut.png"
+    Image.fromarray(data.astronaut()).resize((120, 90)).save(img)
+    return dict(root=root, weights=weights, img=img, model=model)
+
+
+def test_task_defaults_to_detection(tiny):
+    model, info = load_model(str(tiny["weights"]), "focus_detr_tiny")
+    assert info["task"] == "detection" and "detection" in OUTPUT_HANDLERS
+    assert model.num_classes == 10
+    for a, b in zip(model.state_dict().values(), tiny["model"].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_boxes_match_model_at_native_size(tiny, tmp_path):
+    # 128 x 96 is already the tiny cfg's inference size (short 128, long <= 128) and a multiple of 32,
+    # so the handler's boxes must equal the network's own postprocess on the normalised image.
+    model = tiny["model"]
+    arr = np.array(Image.open(tiny["img"]).resize((128, 96)))
+    path = tmp_path / "native.png"
+    Image.fromarray(arr).save(path)
+    res = detect(model, dict(classes=None), [str(path)], topk=7, score_thr=0.0, out_dir=None)[0]
+    x = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(model.pretrained_cfg["mean"]), torch.tensor(model.pretrained_cfg["std"])
+    x = ((x - mean.view(3, 1, 1)) / std.view(3, 1, 1))[None]
+    with torch.no_grad():
+        ref = model.postprocess(model(x, torch.zeros(1, 96, 128, dtype=torch.bool)), [(96, 128)])[0]
+    assert len(res["detections"]) == 7 and "output" not in res
+    got_scores = torch.tensor([d["score"] for d in res["detections"]])
+    torch.testing.assert_close(got_scores, ref["scores"][:7].float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor([d["box"] for d in res["detections"]]),
+                               ref["boxes"][:7].float(), atol=0.011, rtol=0)  # boxes rounded to 0.01 px
+    assert [d["label"] for d in res["detections"]] == ref["labels"][:7].tolist()
+    assert all(d["name"] == str(d["label"]) for d in res["detections"])
+
+
+def test_threshold_and_errors(tiny):
+    model = tiny["model"]
+    res = detect(model, {}, [str(tiny["img"])], topk=100, score_thr=0.0, out_dir=None)[0]
+    scores = [d["score"] for d in res["detections"]]
+    assert len(scores) == 100 and scores == sorted(scores, reverse=True)
+    thr = scores[10]
+    kept = detect(model, {}, [str(tiny["img"])], topk=100, score_thr=thr, out_dir=None)[0]["detections"]
+    assert all(d["score"] >= thr for d in kept) and len(kept) == sum(s >= thr for s in scores)
+    for d in res["detections"]:
+        x0, y0, x1, y1 = d["box"]
+        assert 0 <= x0 <= x1 <= 120 and 0 <= y0 <= y1 <= 90
+    with pytest.raises(ValueError, match="score threshold"):
+        detect(model, {}, [str(tiny["img"])], score_thr=1.5)
+    with pytest.raises(TypeError, match="postprocess"):
+        detect(timm.create_model("test_resnet"), {}, [str(tiny["img"])])
+
+
+def test_draw_detections(tmp_path):
+    img = Image.new("RGB", (60, 40), (255, 255, 255))
+    out = draw_detections(img, [dict(label=3, name="cat", score=0.9, box=[10.0, 20.0, 50.0, 35.0])],
+                          str(tmp_path / "d.png"))
+    px = np.asarray(Image.open(out))
+    assert px.shape == (40, 60, 3)
+    assert tuple(px[35, 30]) == _PALETTE[3] and tuple(px[28, 10]) == _PALETTE[3]  # bottom and left edges
+    assert tuple(px[28, 30]) == (255, 255, 255)  # inside stays untouched
+
+
+def test_infer_tool_detection(tiny, tmp_path):
+    out_dir, js = tmp_path / "out", tmp_path / "det.json"
+    proc = run_tool("infer.py", tiny["weights"], tiny["img"], "--model-name", "focus_detr_tiny",
+                    "--out-dir", out_dir, "--score-thr", "0", "--topk", "3", "--json", js)
+    png = out_dir / "astronaut_det.png"
+    assert png.is_file() and Image.open(png).size == (120, 90)
+    res = json.loads(js.read_text())
+    assert len(res) == 1 and res[0]["width"] == 120 and res[0]["height"] == 90
+    assert res[0]["output"] == str(png)
+    dets = res[0]["detections"]
+    assert len(dets) == 3
+    for d in dets:
+        assert set(d) == {"label", "name", "score", "box"} and len(d["box"]) == 4
+        assert 0 <= d["label"] < 10 and 0.0 <= d["score"] <= 1.0
+        assert f"{d['name']} (class {d['label']}): {d['score']:.3f}" in proc.stdout
+    assert "3 detections" in proc.stdout
+    # default threshold 0.3 (in-process: a second interpreter start costs ~10 s): random heads
+    # (prior bias -> sigmoid ~0.01) give no boxes, the drawing is still written
+    png.unlink()
+    from zoo.cli import infer
+    res = infer.main([str(tiny["weights"]), str(tiny["img"]), "--model", "focus_detr_tiny", "--out-dir", str(out_dir)])
+    assert res[0]["detections"] == [] and res[0]["output"] == str(png) and png.is_file()
+    bad = run_tool("infer.py", tiny["weights"], tiny["img"], "--model", "focus_detr_tiny", "--score-thr", "2",
+                   check=False)
+    assert bad.returncode != 0 and "--score-thr must be in [0, 1]" in bad.stderr

@@ -1,0 +1,1 @@
+"""Command-line entry points: zoo-train, zoo-test, zoo-infer, zoo-export, zoo-convert (tools/*.py wrap them)."""
