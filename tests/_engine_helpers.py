@@ -16,7 +16,7 @@ def tiny_config(path: Path, extra: str = "", max_epochs: int = 3, model: str = "
 _base_ = [{str(BASE / 'datasets/digits.py')!r}, {str(BASE / 'schedules/digits.py')!r},
           {str(BASE / 'default_runtime.py')!r}]
 model = dict(type='TimmClassifier', model_name={model!r}, num_classes=10)
-train_dataloader = dict(batch_size=16, dataset=dict(img_size=16, max_samples=64, augment=False))
+train_dataloader = dict(batch_size=16, dataset=dict(img_size=16, max_samples=64, augment=True))
 val_dataloader = dict(batch_size=120, dataset=dict(img_size=16))
 test_dataloader = dict(batch_size=120, dataset=dict(img_size=16))
 train_cfg = dict(max_epochs={max_epochs})

@@ -8,6 +8,7 @@ default_hooks = dict(
     sampler_seed=dict(type='DistSamplerSeedHook'),
     logger=dict(type='LoggerHook', interval=50),
     param_scheduler=dict(type='ParamSchedulerHook'),
+    # the zoo's CheckpointHook (zoo/engine/hooks.py: atomic writes, removals after the successor exists);
     # keeps the last 2 epoch checkpoints plus the best one by val top-1
     checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=2, save_best='accuracy/top1', rule='greater'),
 )

@@ -55,15 +55,30 @@ def test_resume_continues_with_same_state(trained, tmp_path):
 
 
 def test_test_tool_reproduces_val_accuracy(trained, tmp_path):
-    out = tmp_path / "metrics.json"
+    """--out x.pkl holds every sample's prediction (as mmpretrain's test tool writes them); the
+    metrics recomputed from it equal those reported, which equal the last validation's."""
+    import pickle
+
+    from zoo.engine.datasets import DigitsDataset
+    from zoo.engine.metrics import topk_accuracy
+    out = tmp_path / "preds.pkl"
     proc = run_tool("test.py", trained["cfg"], trained["work"] / "epoch_3.pth", "--work-dir", tmp_path / "t",
                     "--out", out)
     val = [r for r in _scalars(trained["work"]) if "accuracy/top1" in r][-1]
-    record = json.loads(out.read_text())
+    record = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert record["metrics"]["accuracy/top1"] == pytest.approx(val["accuracy/top1"], abs=1e-4)
     assert record["metrics"]["accuracy/top5"] == pytest.approx(val["accuracy/top5"], abs=1e-4)
     line = [l for l in proc.stdout.splitlines() if l.startswith("metrics: ")]
     assert line and json.loads(line[-1][len("metrics: "):]) == record["metrics"]
+    preds = pickle.loads(out.read_bytes())
+    ds = DigitsDataset("val", img_size=16)
+    assert sorted(p["sample_idx"] for p in preds) == list(range(len(ds))) == list(range(360))
+    assert all(p["gt_label"] == int(ds.labels[p["sample_idx"]]) for p in preds)
+    assert all(int(p["pred_label"]) == int(p["pred_score"].argmax()) for p in preds)
+    scores = torch.stack([p["pred_score"] for p in preds])
+    labels = torch.tensor([p["gt_label"] for p in preds])
+    again = topk_accuracy(scores, labels, (1, 5))
+    assert again["top1"] == pytest.approx(record["metrics"]["accuracy/top1"], abs=1e-4)
 
 
 def test_export_round_trip_gives_identical_logits(trained, tmp_path):
@@ -121,12 +136,13 @@ def test_test_tool_pretrained_name(trained, tmp_path):
     tool = _load_tool("test")
     out = tmp_path / "m.json"
     metrics = tool.main([str(trained["cfg"]), "--pretrained", "test_resnet", "--work-dir", str(tmp_path / "w"),
-                         "--out", str(out), "--cfg-options",
+                         "--out", str(out), "--out-item", "metrics", "--cfg-options",
                          f"model.model_kwargs.pretrained_cfg_overlay.file={path}",
                          "model.model_kwargs.pretrained_cfg_overlay.num_classes=10"])
     val = [r for r in _scalars(trained["work"]) if "accuracy/top1" in r][-1]
     assert metrics["accuracy/top1"] == pytest.approx(val["accuracy/top1"], abs=1e-4)
-    assert json.loads(out.read_text())["pretrained"] == "test_resnet"
+    assert json.loads(out.read_text()) == metrics
+    assert json.loads((tmp_path / "w" / "metrics.json").read_text())["pretrained"] == "test_resnet"
 
 
 def test_test_tool_bad_inputs(trained, tmp_path):
@@ -139,6 +155,8 @@ def test_test_tool_bad_inputs(trained, tmp_path):
         tool.main([str(trained["cfg"]), "--pretrained", "test_resnett", "--work-dir", str(tmp_path / "w")])
     with pytest.raises(SystemExit):  # argparse: a model name given where a checkpoint belongs
         tool.main([str(trained["cfg"]), "test_resnet"])
+    with pytest.raises(SystemExit):  # predictions go to a pickle
+        tool.main([str(trained["cfg"]), str(trained["work"] / "epoch_3.pth"), "--out", str(tmp_path / "p.json")])
 
 
 def test_train_tool_missing_data_root(tmp_path):

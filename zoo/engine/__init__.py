@@ -6,9 +6,15 @@ Importing it registers these components in the zoo's registries (scope ``'zoo'``
 generation) live in :mod:`zoo.tasks`, family-specific training recipes in :mod:`zoo.recipes`; both
 use only the public names exported here.
 """
+from zoo._extras import requires_extra
+
+with requires_extra("train", "zoo.engine (mmengine training and evaluation)"):
+    import mmengine  # noqa: F401
+
 import zoo  # noqa: F401  (registers zoo models with timm)
 
 from . import compat  # noqa: F401  (checkpoint allow-list, CPU-friendly DDP wrapper)
+from . import hooks  # noqa: F401  (atomic CheckpointHook, resume state, weights-fit check)
 from .datasets import (Cifar10Dataset, Cifar100Dataset, ClsDataset, DigitsDataset, ImageFolderDataset, SvhnDataset,
                        TinyImageNetDataset, check_split)
 from .metrics import Accuracy, topk_accuracy

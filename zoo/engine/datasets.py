@@ -72,8 +72,10 @@ class DigitsDataset(ClsDataset):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if int(img_size) < 8:
             raise ValueError(f"img_size must be >= 8 (the source digits are 8x8), got {img_size}")
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+        from zoo._extras import requires_extra
+        with requires_extra("train", "DigitsDataset"):
+            from sklearn.datasets import load_digits
+            from sklearn.model_selection import train_test_split
 
         digits = load_digits()
         idx = np.arange(len(digits.target))
@@ -108,8 +110,8 @@ class DigitsDataset(ClsDataset):
 class ImageFolderDataset(ClsDataset):
     """ImageNet-style folders (``data_root/<split>/<class>/*.jpg``) with timm's transforms.
 
-    If ``data_root/<split>`` does not exist but ``data_root`` itself holds class folders, it is
-    used directly. ``transform_kwargs`` go to ``timm.data.create_transform`` (e.g.
+    ``data_root/<split>`` must exist: a missing split is an error naming the folders found (never
+    a silent fallback to another folder). ``transform_kwargs`` go to ``timm.data.create_transform`` (e.g.
     ``auto_augment='rand-m9-mstd0.5-inc1'``, ``crop_pct``, ``interpolation``); normalisation and
     random erasing are left to the data preprocessor, so images come out as uint8.
     """
@@ -125,7 +127,11 @@ class ImageFolderDataset(ClsDataset):
                 f"Set data_root in the config, e.g. --cfg-options train_dataloader.dataset.data_root=/path")
         root = os.path.join(data_root, split)
         if not os.path.isdir(root):
-            root = data_root
+            found = sorted(d for d in os.listdir(data_root) if os.path.isdir(os.path.join(data_root, d)))
+            raise FileNotFoundError(
+                f"split {split!r} not found: {root!r} does not exist. Folders in {data_root!r}: "
+                f"{found or 'none'}; expected {data_root}/{split}/<class>/<images>. Give the folder that holds "
+                f"{split}/ as data_root, or point the dataloader's split at one of those folders.")
         from timm.data import ImageDataset, create_transform
 
         tkw = dict(transform_kwargs or {})
@@ -243,7 +249,9 @@ class SvhnDataset(_ArrayDataset):
         path = os.path.join(os.path.expanduser(str(data_root)), "train_32x32.mat" if split == "train" else "test_32x32.mat")
         if not os.path.isfile(path):
             raise _missing("SVHN file", path, "expected train_32x32.mat and test_32x32.mat under data_root")
-        from scipy.io import loadmat
+        from zoo._extras import requires_extra
+        with requires_extra("train", "SvhnDataset (.mat files)"):
+            from scipy.io import loadmat
         d = loadmat(path)
         labels = d["y"].reshape(-1).astype(np.int64) % 10
         self._setup(np.asarray(d["X"], dtype=np.uint8).transpose(3, 0, 1, 2), labels, split, augment, max_samples)

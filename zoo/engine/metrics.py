@@ -1,4 +1,6 @@
-"""Top-k classification accuracy over ``pred_score``/``gt_label`` data samples."""
+"""Top-k classification accuracy over ``pred_score``/``gt_label`` data samples, and the dump of
+every test sample's prediction that ``tools/test.py --out x.pkl`` writes."""
+import pickle
 from typing import Sequence, Union
 
 import torch
@@ -6,7 +8,7 @@ from mmengine.evaluator import BaseMetric
 
 from zoo.registry import METRICS
 
-__all__ = ["Accuracy", "topk_accuracy"]
+__all__ = ["Accuracy", "DumpPredictions", "topk_accuracy"]
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int]) -> dict:
@@ -41,3 +43,42 @@ class Accuracy(BaseMetric):
         scores = torch.stack([r[0] for r in results])
         labels = torch.tensor([r[1] for r in results], dtype=torch.long)
         return topk_accuracy(scores, labels, self.topk)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+@METRICS.register_module()
+class DumpPredictions(BaseMetric):
+    """Writes every evaluated sample's prediction to a pickle: a list (in dataset order per rank,
+    gathered on rank 0) of dicts with the data sample's fields, e.g. ``pred_score`` (tensor),
+    ``pred_label``, ``gt_label`` and ``sample_idx`` for classification. Reports no metric."""
+
+    default_prefix = "dump"
+
+    def __init__(self, out_file: str, collect_device: str = "cpu"):
+        super().__init__(collect_device=collect_device)
+        if not str(out_file).endswith((".pkl", ".pickle")):
+            raise ValueError(f"predictions are written as a pickle: the file name must end with .pkl, got "
+                             f"{out_file!r} (for the metrics, use --out-item metrics)")
+        self.out_file = str(out_file)
+
+    def process(self, data_batch, data_samples: Sequence[dict]) -> None:
+        for ds in data_samples:
+            self.results.append(_to_cpu(ds.to_dict() if hasattr(ds, "to_dict") else dict(ds)))
+
+    def compute_metrics(self, results: list) -> dict:
+        import os
+
+        from .checkpoint import atomic_write_bytes
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.out_file)), exist_ok=True)
+        atomic_write_bytes(self.out_file, pickle.dumps(results))
+        return {}
