@@ -9,6 +9,6 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-# Compiled-mode Triton tests need a GPU; tools/gpu_check.sh runs them there. Without CUDA they are
+# Compiled-mode Triton tests need a GPU; .ci/gpu_check.sh runs them there. Without CUDA they are
 # not collected at all (rather than reported as skipped on every CPU run).
 collect_ignore_glob = [] if torch.cuda.is_available() else ["kernels/test_attention_gpu.py"]

@@ -1,4 +1,5 @@
-"""tools/benchmark.py (JSON fields, attention FLOP formula) and tools/make_cards.py (marked regions only).
+"""tools/benchmark.py (the shared timing / memory loop, JSON fields, references, --compile, attention FLOP
+formula), tools/bench_ops.py and tools/make_cards.py (marked regions only).
 
 No timing assertions: speeds are benchmark output, not test conditions.
 """
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import zoo
+import zoo.kernels
 from zoo.kernels import attention, from_dense_mask, routed_topk, window_2d
-from zoo.kernels.custom_op import force_custom_op
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+import bench_ops  # noqa: E402
 import benchmark  # noqa: E402
 import make_cards  # noqa: E402
 
@@ -243,13 +246,182 @@ def test_make_cards_samples_records(tmp_path):
     assert row.endswith("| – |")                           # GMACs-only record: no measured speed
 
 
-def test_memory_tracker_counts_the_key_lists_csr_path():
-    """The key_lists CSR path creates sparse tensors (no storage of their own): the tracker must
-    skip them and still count the strided buffers, and the numbers must not depend on it."""
+# ------------------------------------------------------------------------------------------------
+# the shared loop: timing statistics, interleaving, memory
+# ------------------------------------------------------------------------------------------------
+
+def test_timing_statistics_known_answers():
+    t = benchmark.timing_of([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (t.median, t.q1, t.q3, t.min, t.iqr) == (3.0, 2.0, 4.0, 1.0, 2.0)
+    assert t.samples == (1.0, 2.0, 3.0, 4.0, 5.0)
+    assert t.ms() == {"median": 3000.0, "q1": 2000.0, "q3": 4000.0}
+    one = benchmark.timing_of([0.5])
+    assert (one.median, one.q1, one.q3) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="at least one sample"):
+        benchmark.timing_of([])
+
+
+def test_measure_interleaves_counts_calls_and_times_them():
+    log = []
+    steps = {"a": lambda: log.append("a"), "b": lambda: (log.append("b"), time.sleep(0.002))}
+    t = benchmark.measure(steps, "cpu", warmup=2, reps=4, iters=3)
+    # warm-up (2 each), then rounds of 3 calls each, the order reversed every other round
+    assert log == ["a", "a", "b", "b"] + (["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3) * 2
+    assert set(t) == {"a", "b"} and all(len(v.samples) == 4 for v in t.values())
+    for v in t.values():
+        assert 0 <= v.min <= v.q1 <= v.median <= v.q3
+    assert t["b"].min >= 0.002                 # a call that sleeps 2 ms takes at least 2 ms
+    with pytest.raises(ValueError, match="reps and iters must be >= 1"):
+        benchmark.measure(steps, "cpu", reps=0)
+
+
+def test_cpu_peak_memory_known_answer_and_key_lists_path():
+    """The CPU allocator's events: two buffers alive together, then one freed before a third."""
+    n = 1 << 20
+
+    def step():
+        a = torch.empty(n, dtype=torch.uint8)
+        b = torch.empty(2 * n, dtype=torch.uint8)
+        del a
+        c = torch.empty(n // 2, dtype=torch.uint8)
+        return b, c
+
+    assert benchmark.peak_memory_mb(step, "cpu") == 3.0       # a + b live together: 3 MiB
+    # the key_lists CSR path (sparse tensors, custom op internals) is seen too
     from zoo.kernels import key_lists
     q = torch.randn(1, 2, 17, 8)
     idx = torch.rand(1, 2, 17, 17).topk(5, -1).indices
-    with benchmark._TensorMemory() as mem:
-        out = attention(q, q, q, key_lists(idx, 17, dense_rows=1))
-    assert out.shape == (1, 2, 17, 8)
-    assert mem.peak >= out.numel() * out.element_size()
+    out = {}
+    peak = benchmark.peak_memory_mb(lambda: out.setdefault("o", attention(q, q, q, key_lists(idx, 17, dense_rows=1))),
+                                    "cpu")
+    assert out["o"].shape == (1, 2, 17, 8)
+    assert peak * 2 ** 20 >= out["o"].numel() * out["o"].element_size()
+
+
+# ------------------------------------------------------------------------------------------------
+# references declared per family, --compile, eager and compiled rows
+# ------------------------------------------------------------------------------------------------
+
+def test_declared_references_resolve():
+    """Every declared zoo model and timm reference exists; upstream specs name a known loader."""
+    for fam, decl in benchmark.REFERENCES.items():
+        assert fam in zoo.list_families(), fam
+        for name, ref in decl.models.items():
+            assert zoo.model_family(name) == fam, name
+            if ref.startswith("upstream:"):
+                assert ref.split(":")[1] in benchmark.UPSTREAM, ref
+            else:
+                assert timm.is_model(ref), ref
+    with pytest.raises(ValueError, match="needs --reference-path"):
+        benchmark.load_reference("upstream:ffnet:ffnet_1", None)
+    with pytest.raises(ValueError, match="upstream:<family>:<variant>"):
+        benchmark.load_reference("upstream:nope:x", "/tmp")
+
+
+def test_reference_auto_shares_weights_and_compares_outputs():
+    """A family declared with weights=True: the reference's weights go into the zoo model through its
+    checkpoint_filter_fn, so both compute the same function (timm's TNT vs the zoo's)."""
+    name = "tnt_s_patch16_224_zoo"
+    model = timm.create_model(name)
+    x1 = torch.randn(1, 3, 224, 224)
+    label = benchmark.reference_for(name, "transformer_in_transformer", "auto")
+    ref = benchmark.prepare_reference(name, "transformer_in_transformer", model, label, None, x1)
+    assert ref.label == "tnt_s_patch16_224" and ref.info["max_abs_diff"] < 1e-4
+    assert "checkpoint_filter_fn" in ref.info["weights"] and not ref.fuse
+    assert benchmark.reference_for("pyramid_tnt_ti", "transformer_in_transformer", "auto") is None
+    assert benchmark.reference_for("pyramid_tnt_ti", "transformer_in_transformer", "deit_tiny_patch16_224") \
+        == "deit_tiny_patch16_224"
+    with pytest.raises(ValueError, match="declares no reference for pyramid_tnt_ti"):
+        benchmark.main(["pyramid_tnt_ti", "--reference", "auto", "--no-flops"])
+
+
+def test_benchmark_compile_rows_beside_eager(tmp_path):
+    """--compile: the zoo model and its reference, eager and compiled, timed in one run; the compiled
+    outputs equal eager's; the markdown shows a row per mode. (aot_eager: the same tracing as
+    inductor without its C++ build, which would take minutes here.)"""
+    out = tmp_path / "c.json"
+    argv = ["zoo_test_toynet", "--import", str(REPO / "tests" / "_toy_models.py"), "--batch", "2", "--warmup", "0",
+            "--iters", "1", "--rounds", "2", "--no-flops", "--reference", "_toy_models:ToyNet",
+            "--compile", "--compile-backend", "aot_eager", "--out", str(out)]
+    assert benchmark.main(argv) == 0
+    (r,) = json.loads(out.read_text())
+    for block in (r["compiled"], r["reference"]["compiled"]):
+        assert block["backend"] == "aot_eager" and "error" not in block
+        assert block["graph_breaks"] == 0 and block["max_abs_diff"] <= 1e-5
+        assert block["infer_img_s"] > 0 and block["train_img_s"] > 0 and block["infer_speedup"] > 0
+        assert block["train_mem_mb"] > 0 and set(block["compile_s"]) == {"infer", "train"}
+        assert block["step_ms"]["infer"]["q1"] <= block["step_ms"]["infer"]["median"] <= block["step_ms"]["infer"]["q3"]
+    assert r["reference"]["compiled"]["infer_ratio"] > 0
+    assert r["infer_img_s"] > 0 and r["reference"]["infer_ratio"] > 0         # the eager numbers stay as they were
+    eager, compiled = benchmark.mode_records(r)
+    assert eager["mode"] == "eager" and eager["infer_img_s"] == r["infer_img_s"]
+    assert compiled["mode"] == "compiled" and compiled["infer_img_s"] == r["compiled"]["infer_img_s"]
+    assert compiled["reference"]["infer_ratio"] == r["reference"]["compiled"]["infer_ratio"]
+    table = benchmark.markdown_table([r])
+    assert "| mode |" in table and "| zoo_test_toynet | eager |" in table and "| zoo_test_toynet | compiled |" in table
+    # a model that fails to compile keeps its eager row; its compiled row says why
+    bad = dict(r, compiled=dict(backend="inductor", error="InductorError: x"))
+    rows = benchmark.mode_records(bad)
+    assert rows[1]["compile_error"] == "InductorError: x" and benchmark.rate(rows[1], "infer") is None
+    assert "compile error" in benchmark.markdown_table([bad])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["x", "--compile", "--compile-backend", "no_such_backend"])
+
+
+def test_make_cards_reads_records_with_compiled_blocks(tmp_path):
+    fam = "sparsifiner"
+    results = tmp_path / "results"
+    results.mkdir()
+    name = zoo.list_models(family=fam)[0]
+    rec = dict(model=name, family=fam, params_m=5.9, input_size=[3, 224, 224], batch=2, dtype="float32",
+               infer_img_s=10.0, device="cpu", date="2026-01-01 00:00 UTC",
+               compiled=dict(backend="inductor", infer_img_s=12.0, infer_speedup=1.2))
+    (results / f"{fam}.json").write_text(json.dumps([rec]))
+    (got,) = make_cards.load_results(results)[fam]
+    assert benchmark.rate(got, "infer") == 10.0 and got["compiled"]["infer_img_s"] == 12.0
+
+
+# ------------------------------------------------------------------------------------------------
+# tools/bench_ops.py
+# ------------------------------------------------------------------------------------------------
+
+def test_bench_ops_tiny_run_writes_json_card_and_plot(tmp_path):
+    """Attention (packed sequences) and deformable attention at tiny shapes: JSON rows with times and
+    memory, the zoo op matching the formulations it is compared with, the card region and a plot."""
+    j, card, png = tmp_path / "k.json", tmp_path / "kernels.md", tmp_path / "k.png"
+    card.write_text("# Kernels\n\nprose\n")
+    rep = bench_ops.main(["--device", "cpu", "--quick", "--workloads", "varlen", "--reps", "2", "--warmup", "0",
+                          "--img", "64", "64", "--batch", "1", "--decoder-queries", "8", "--heads", "2",
+                          "--points", "2", "--dim", "8", "--cases", "decoder", "--json", str(j), "--card", str(card),
+                          "--plot", str(png)])
+    data = json.loads(j.read_text())
+    assert data["meta"]["ops"] == ["attention", "msda"] and data == json.loads(json.dumps(rep))
+    rows = {(r["op"], r["impl"]): r for r in data["results"]}
+    assert set(rows) == {("attention", "zoo reference"), ("attention", "padded SDPA"),
+                         ("attention", "per-sequence loop"), ("attention", "dense SDPA"),
+                         ("ms_deform_attn", "zoo"), ("ms_deform_attn", "grid_sample")}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert 0 < r["fwd_ms"] and r["fwd_ms_iqr"][0] <= r["fwd_ms"] <= r["fwd_ms_iqr"][1]
+        assert r["peak_mib_fwdbwd"] >= 0
+    assert rows[("attention", "zoo reference")]["fwd_tflops"] > 0
+    assert max(rows[("ms_deform_attn", "zoo")]["max_abs_diff"].values()) < 1e-5
+    text = card.read_text()
+    assert text.startswith("# Kernels\n\nprose\n") and "<!-- BENCH:cpu -->" in text and "msda decoder 8 queries" in text
+    assert png.stat().st_size > 0
+    with pytest.raises(SystemExit):
+        bench_ops.parse_args(["--img", "32", "32"])
+
+
+def test_bench_ops_formulations_match_the_zoo_ops():
+    """The comparison formulations compute what the zoo ops compute (else the timings compare
+    different things): packed-sequence loop and padding, the grid_sample deformable attention."""
+    cu = torch.tensor([0, 5, 12, 20])
+    q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
+    want = attention(q, k, v, zoo.kernels.varlen(cu))
+    torch.testing.assert_close(bench_ops.segments_loop(q, k, v, cu), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bench_ops.segments_padded_sdpa(q, k, v, cu), want, rtol=1e-5, atol=1e-5)
+    shapes = bench_ops.level_shapes(64, 96)
+    value, spatial, starts, loc, attn = bench_ops.msda_inputs(shapes, 2, 7, 2, 3, 4, torch.float32, "cpu")
+    torch.testing.assert_close(bench_ops.msda_grid_sample(value, shapes, loc, attn),
+                               zoo.kernels.ms_deform_attn(value, spatial, starts, loc, attn), rtol=1e-5, atol=1e-5)

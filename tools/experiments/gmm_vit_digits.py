@@ -4,18 +4,18 @@ For every host (ViT, Swin, CaiT, PiT, T2T) the GMM model and its baseline are tr
 same seed, data order and schedule on scikit-learn's digits (zoo.engine.DigitsDataset: 1,437
 train / 360 val real 8x8 digits upsampled to 32 px, no download), then evaluated on val.
 
-    python tools/bench_gmm_vit.py --threads 1 --hosts vit --seeds 0 1 2
-    python tools/bench_gmm_vit.py --threads 1 --models gmm_vit_tiny_p4_32 --seeds 0 --out runs.jsonl
-    python tools/bench_gmm_vit.py --aggregate runs.jsonl          # table from runs done in parallel
-    python tools/bench_gmm_vit.py --threads 1 --models "vit_tiny_p4_32_gmmbase[avgpool]"   # ablation
+    python tools/experiments/gmm_vit_digits.py --threads 1 --hosts vit --seeds 0 1 2
+    python tools/experiments/gmm_vit_digits.py --threads 1 --models gmm_vit_tiny_p4_32 --seeds 0 --out runs.jsonl
+    python tools/experiments/gmm_vit_digits.py --aggregate runs.jsonl          # table from runs done in parallel
+    python tools/experiments/gmm_vit_digits.py --threads 1 --models "vit_tiny_p4_32_gmmbase[avgpool]"   # ablation
 
 Schedule (defaults, identical for every model): all 1,437 training digits, 6 epochs of batch 32
 (270 steps), AdamW (lr 5e-4, wd 0.05), linear warm-up from 10 % of the peak lr over the first epoch,
 then cosine to zero, label smoothing 0.1, random shifts of up to 4 px (the dataset's train
-augmentation), no drop path. Shorter runs (2 epochs of 720 digits at lr 2e-3) left ViT, Swin and
-PiT at chance. A seed fixes the initialisation, the data order and the shifts, so both models of a
-pair see the same batches. Evaluation is on all 360 val digits after the last step (no early
-stopping, no best-epoch picking). "cpu s" is the process CPU time of the training loop.
+augmentation), no drop path; long enough for every baseline to leave chance level. A seed fixes the
+initialisation, the data order and the shifts, so both models of a pair see the same batches.
+Evaluation is on all 360 val digits after the last step (no early stopping, no best-epoch picking).
+"cpu s" is the process CPU time of the training loop.
 """
 import argparse
 import json

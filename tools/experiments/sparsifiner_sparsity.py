@@ -1,11 +1,11 @@
 """Sparsifiner benchmark: counted MHSA FLOPs at a keep rate, and CPU wall time of the attention.
 
-    python tools/bench_sparsifiner.py [--keep 0.25] [--batch 8] [--rounds 5] [--json out.json]
+    python tools/experiments/sparsifiner_sparsity.py [--keep 0.25] [--batch 8] [--rounds 5] [--json out.json]
 
 FLOPs are counted from the shapes and the *measured* masks of sparsifiner_deit_small_patch16_224 at
 224 px (1 multiply-add = 2 FLOPs): q k^T and attn @ v over the kept pairs only, with and without
-the connectivity predictor's own cost. Times interleave dense and sparse in one process (A/B/A/B,
-medians), with torch.set_num_threads(2):
+the connectivity predictor's own cost. Times: every variant interleaved in one process by the loop
+of tools/benchmark.py (``--rounds`` rounds of ``--iters`` calls, medians), torch.set_num_threads(2):
   core   - the attention op on the model's q, k, v (B, 6, 197, 64; strided views of the packed qkv
            projection), heads merged to (B, 197, 384) as the output projection needs them: dense
            SDPA (zoo.kernels.attention, layout=None) vs the model's key-lists layout built per call
@@ -17,19 +17,20 @@ medians), with torch.set_num_threads(2):
 """
 import argparse
 import json
-import math
 import platform
-import statistics
-import time
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import zoo  # noqa: F401
 from zoo.kernels import attention, from_dense_mask, key_lists, routed_topk
 from zoo.layers.connectivity import keep_count
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark import measure  # noqa: E402  (the shared timing loop)
 
 
 def count_flops(N, H, D, keep, mask=None, c=32, n=32, coef_topk=8):
@@ -43,16 +44,6 @@ def count_flops(N, H, D, keep, mask=None, c=32, n=32, coef_topk=8):
                      + H * (N - 1) * coef_topk * N)      # sparse coef @ basis
     return dict(dense=attn(dense_pairs), sparse_core=attn(kept), predictor=predictor,
                 sparse_total=attn(kept) + predictor, density=kept / dense_pairs)
-
-
-def timeit(fn, iters):
-    fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def main():
@@ -124,31 +115,25 @@ def main():
             return attn_mod(x)
         return run
 
-    res = {k: [] for k in ("core_dense_sdpa", "core_key_lists", "core_key_lists_contiguous", "core_mask_layout",
-                           "core_gather_routed",
-                           "module_dense", "module_sparse", "train_dense_sdpa", "train_key_lists")}
-    for _ in range(args.rounds):
-        if args.train:
-            res["train_dense_sdpa"].append(timeit(train(None), args.iters))
-            res["train_key_lists"].append(timeit(train(conn), args.iters))
-        with torch.no_grad():
-            res["core_dense_sdpa"].append(timeit(core_dense, args.iters))
-            res["core_key_lists"].append(timeit(core_lists, args.iters))
-            res["core_key_lists_contiguous"].append(timeit(core_lists_contiguous, args.iters))
-            res["core_mask_layout"].append(timeit(core_mask, args.iters))
-            if not args.no_gather:
-                res["core_gather_routed"].append(timeit(core_gather, 1))
-            res["module_dense"].append(timeit(module("dense"), args.iters))
-            res["module_sparse"].append(timeit(module("sparse"), args.iters))
+    steps = {"core_dense_sdpa": core_dense, "core_key_lists": core_lists,
+             "core_key_lists_contiguous": core_lists_contiguous, "core_mask_layout": core_mask,
+             "module_dense": module("dense"), "module_sparse": module("sparse")}
+    if not args.no_gather:
+        steps["core_gather_routed"] = core_gather
+    with torch.no_grad():
+        t = measure(steps, "cpu", warmup=1, reps=args.rounds, iters=args.iters)
+    if args.train:
+        t.update(measure({"train_dense_sdpa": train(None), "train_key_lists": train(conn)}, "cpu", warmup=1,
+                         reps=args.rounds, iters=args.iters))
     attn_mod.attn_mode = "sparse"
-    med = {k: statistics.median(v) for k, v in res.items() if v}
+    med = {k: v.median * 1e3 for k, v in t.items()}
     out = dict(
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device=f"CPU ({platform.processor() or platform.machine()}), {args.threads} threads",
         torch=torch.__version__, shape=dict(B=B, H=H, N=N, D=D), keep=args.keep,
         flops_per_image_layer=flops,
         reduction_core=1 - flops["sparse_core"] / flops["dense"],
         reduction_with_predictor=1 - flops["sparse_total"] / flops["dense"],
-        time_ms_median=med,
+        time_ms_median=med, time_ms_quartiles={k: [round(v.q1 * 1e3, 3), round(v.q3 * 1e3, 3)] for k, v in t.items()},
         ratio_key_lists_vs_sdpa=med["core_key_lists"] / med["core_dense_sdpa"],
         ratio_key_lists_contiguous_vs_sdpa=med["core_key_lists_contiguous"] / med["core_dense_sdpa"],
         ratio_mask_vs_sdpa=med["core_mask_layout"] / med["core_dense_sdpa"],
