@@ -138,7 +138,12 @@ def convert(h5_path: str, model_name: str, out_path: str, order: str = "creation
     from safetensors.torch import save_file
 
     import zoo  # noqa: F401
+    from zoo.hub import WeightsFormatError, validate_weights_file
 
+    try:  # a clear error for a download that is not HDF5 (an HTML page, a cut-off file)
+        validate_weights_file(h5_path, "model.h5")
+    except (WeightsFormatError, OSError) as e:
+        raise ConversionError(str(e)) from None
     model = timm.create_model(model_name, **model_kwargs).eval()
     layers = read_keras_h5(h5_path)
     sd, left = keras_state_dict(layers, model, order)
@@ -153,9 +158,14 @@ def convert(h5_path: str, model_name: str, out_path: str, order: str = "creation
         log(f"note: {len(pam_left)} PAM projection weights are not in the file (untracked by Keras; only "
             f"gamma was trained): they keep the zoo initialisation")
     os.makedirs(osp.dirname(osp.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, out_path)
+    tmp = f"{out_path}.{os.getpid()}.tmp"
+    try:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.unlink(tmp)
+        raise
     log(f"wrote {out_path} ({len(sd)} tensors from {len(layers)} Keras layers)")
     return model
 

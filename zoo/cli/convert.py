@@ -56,9 +56,8 @@ def load_upstream(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         raise ConversionError(
             f"refusing to load {path}: it is not a plain weights file (torch.load(weights_only=True) "
-            f"rejected it: {str(e).splitlines()[0]}). Only if you trust its origin, re-save just its "
-            f"tensors, e.g. torch.save(torch.load(p, weights_only=False)['state_dict'], 'clean.pth'), "
-            f"and convert that.") from None
+            f"rejected it: {str(e).splitlines()[0]}). Ask upstream for a safetensors file or a plain "
+            f"state dict; this tool does not unpickle arbitrary objects.") from None
     except (RuntimeError, OSError, EOFError) as e:
         raise ConversionError(f"cannot read {path} as a torch checkpoint: {e}") from None
 
