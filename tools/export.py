@@ -1,4 +1,4 @@
-"""Export a training checkpoint as timm-loadable safetensors, named by the sha256 of its bytes.
+"""Export a training checkpoint as timm's Hugging Face Hub folder (config.json, model.safetensors, README.md).
 
 The ``zoo-export`` command of an installed wheel; the code lives in zoo/cli/export.py.
 """

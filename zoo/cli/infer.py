@@ -2,13 +2,16 @@
 
     python tools/infer.py work_dirs/quickstart_digits/best_accuracy_top1_epoch_8.pth my_digits/
     python tools/infer.py resnet10t.a1_in1k cat.jpg --topk 3        # ImageNet class names
-    python tools/infer.py exported/resnet10t-1a2b3c4d.safetensors x.png --model resnet10t --num-classes 10
+    python tools/infer.py exported/digits_ptnt my_digits/          # a tools/export.py folder: its input size, labels
+    python tools/infer.py hf-hub:my-org/digits-ptnt x.png            # the same folder on the Hugging Face Hub
+    python tools/infer.py weights.safetensors x.png --model resnet10t --num-classes 10
     python tools/infer.py work_dirs/agunet/best.pth case.nii.gz --out-dir masks/   # NIfTI mask + PNG overlay
     python tools/infer.py work_dirs/focus_detr/best.pth street.jpg --score-thr 0.5  # boxes -> infer_out/street_det.png
 """
 import argparse
 import json
 import os.path as osp
+import sys
 
 
 def _is_nifti(path):
@@ -21,7 +24,8 @@ def _is_nifti(path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", metavar="MODEL_OR_CKPT",
-                   help="tools/train.py checkpoint (.pth), exported .safetensors, or a timm/zoo model name")
+                   help="tools/train.py checkpoint (.pth), tools/export.py folder, hf-hub:REPO, a bare "
+                        ".safetensors (with --model), or a timm/zoo model name")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--model-name", "--model", dest="model_name",
@@ -52,6 +56,10 @@ def main(argv=None):
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2)
+    failed = [r["file"] for r in results if isinstance(r, dict) and "error" in r]
+    if failed:
+        # the other files' results are printed (and in --json) above
+        sys.exit(f"error: {len(failed)} of {len(results)} input files could not be processed: {', '.join(failed)}")
     return results
 
 

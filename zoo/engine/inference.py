@@ -14,7 +14,7 @@ from .compat import load_checkpoint_file
 from .export import checkpoint_model_cfg, model_state_dict
 from .model import check_model_name
 
-__all__ = ["IMAGE_EXTENSIONS", "find_images", "load_model", "class_names", "classify",
+__all__ = ["IMAGE_EXTENSIONS", "find_images", "load_image", "load_model", "class_names", "classify",
            "OUTPUT_HANDLERS", "register_output_handler", "run"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -35,6 +35,37 @@ def find_images(inputs: Sequence[str]) -> List[str]:
         else:
             raise FileNotFoundError(f"input {item!r} is neither an image file nor a folder")
     return out
+
+
+def load_image(path: str, mode: str = "RGB") -> Image.Image:
+    """Open an image as ``mode`` ('RGB' or 'L'). 16- and 32-bit greyscale (PNG/TIFF 'I;16', 'I')
+    are rescaled to 8 bits over their full range instead of being clipped at 255 by PIL."""
+    import numpy as np
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith("I;16") or im.mode == "I":
+                a = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") or a.max() <= 65535 else float(a.max())
+                im = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+            elif im.mode == "F":
+                a = np.asarray(im, dtype=np.float64)
+                lo, hi = float(a.min()), float(a.max())
+                a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+                im = Image.fromarray(np.rint(a * 255.0).astype(np.uint8), "L")
+            return im.convert(mode)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is "cannot read this image"
+        raise ValueError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from None
+
+
+def _hub_folder(path: str) -> Optional[str]:
+    """The timm Hub folder (config.json + weights) that ``path`` is, or holds its weights file."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(os.path.join(folder, "config.json")) and any(
+            os.path.isfile(os.path.join(folder, f)) for f in ("model.safetensors", "pytorch_model.bin")):
+        if os.path.isdir(path) or os.path.basename(path) in ("model.safetensors", "pytorch_model.bin"):
+            return folder
+    return None
 
 
 def _dataset_cfg(ckpt: dict) -> dict:
@@ -74,7 +105,20 @@ def load_model(model_or_ckpt: str, model_name: Optional[str] = None, num_classes
 
     import zoo  # noqa: F401
     info: dict = dict(classes=None, dataset_cfg={}, source=model_or_ckpt)
-    if os.path.isfile(model_or_ckpt) and model_or_ckpt.endswith(".safetensors"):
+    folder = _hub_folder(model_or_ckpt) if os.path.exists(model_or_ckpt) else None
+    if model_or_ckpt.startswith(("hf-hub:", "local-dir:")) or folder is not None:
+        # an exported / Hub folder: its config.json carries the architecture, trained input size and labels
+        name = model_or_ckpt if folder is None else f"local-dir:{folder}"
+        if model_name or num_classes is not None:
+            raise ValueError(f"{model_or_ckpt} is a model folder whose config.json fixes the architecture and "
+                             f"classes; drop --model / --num-classes")
+        model = timm.create_model(name, pretrained=True)
+        labels = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+        info.update(classes=list(labels) if labels else None)
+    elif os.path.isdir(model_or_ckpt):
+        raise ValueError(f"{model_or_ckpt} is a folder without config.json and model.safetensors; expected a "
+                         f"tools/export.py folder, a checkpoint file or a model name")
+    elif os.path.isfile(model_or_ckpt) and model_or_ckpt.endswith(".safetensors"):
         if not model_name:
             raise ValueError("a .safetensors file needs --model NAME (the architecture)")
         check_model_name(model_name)
@@ -145,10 +189,7 @@ def _transform(model: torch.nn.Module, info: dict):
     mode = "L" if in_chans == 1 or ds.get("type") == "DigitsDataset" else "RGB"
 
     def apply(path: str) -> torch.Tensor:
-        try:
-            img = Image.open(path).convert(mode)
-        except Exception as e:
-            raise ValueError(f"cannot read image {path!r}: {e}") from e
+        img = load_image(path, mode)
         if mode == "L" and in_chans != 1:
             img = img.convert("RGB")
         return tf(img)
@@ -160,21 +201,34 @@ def classify(model: torch.nn.Module, info: dict, files: Sequence[str], topk: int
     names = class_names(model, info)
     tf = _transform(model, info)
     device = next(model.parameters()).device
-    out = []
+    out: List[dict] = []
     for i in range(0, len(files), batch_size):
-        chunk = files[i:i + batch_size]
-        x = torch.stack([tf(f) for f in chunk]).to(device)
+        chunk, tensors = [], []
+        for f in files[i:i + batch_size]:
+            try:
+                tensors.append(tf(f))
+                chunk.append(f)
+            except ValueError as e:  # one unreadable file is reported, the others still run
+                out.append(dict(file=f, error=str(e)))
+        if not chunk:
+            continue
+        x = torch.stack(tensors).to(device)
         with torch.no_grad():
             probs = model(x).float().softmax(-1)
         top = probs.topk(min(topk, probs.shape[1]), dim=-1)
         for f, p, idx in zip(chunk, top.values, top.indices):
             out.append(dict(file=f, topk=[dict(index=int(j), name=names[int(j)], score=float(s))
                                          for s, j in zip(p, idx)]))
-    return out
+    order = {f: n for n, f in enumerate(files)}
+    return sorted(out, key=lambda r: order[r["file"]])
 
 
 def _print_classification(results: List[dict]) -> None:
+    import sys
     for r in results:
+        if "error" in r:
+            print(f"{r['file']}\n  error: {r['error']}", file=sys.stderr)
+            continue
         print(r["file"])
         for rank, t in enumerate(r["topk"], 1):
             print(f"  {rank}. {t['name']} (class {t['index']}): {t['score'] * 100:.2f}%")
