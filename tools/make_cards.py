@@ -166,13 +166,36 @@ def _cfg_dict(name: str) -> dict:
 
 def weights_available(arch: str) -> bool:
     """True when any pretrained tag of ``arch`` has a url or hf_hub_id."""
+    return bool(weight_tags(arch))
+
+
+def weight_tags(arch: str) -> Dict[str, str]:
+    """``{tag name: verification level}`` for the tags of ``arch`` with downloadable weights; the
+    level is what zoo.hub checks of the bytes: verified (sha256), hash-prefix-checked (torch.hub's
+    file-name prefix) or unverified (format, keys and shapes only)."""
     import timm
-    tags = timm.list_pretrained(arch + ".*") or []
-    for t in [arch] + list(tags):
+
+    from zoo import hub
+    out = {}
+    for t in (timm.list_pretrained(arch + ".*") or [arch]):
         c = _cfg_dict(t)
         if c.get("url") or c.get("hf_hub_id"):
-            return True
-    return False
+            out[t] = hub.verification(c) or "unverified"
+    return out
+
+
+VERIFICATION_ORDER = ("verified", "hash-prefix-checked", "unverified")
+
+
+def verification_summary(levels: Dict[str, str]) -> str:
+    """'–' without weights, the level when all tags share one, else counts per level."""
+    if not levels:
+        return "–"
+    counts = {lv: list(levels.values()).count(lv) for lv in VERIFICATION_ORDER}
+    present = [lv for lv in VERIFICATION_ORDER if counts[lv]]
+    if len(present) == 1:
+        return present[0]
+    return ", ".join(f"{counts[lv]} {lv}" for lv in present)
 
 
 def _build_light(name: str):
@@ -219,9 +242,10 @@ def registry_rows(families: List[str]) -> List[dict]:
             assert zoo.model_family(name) == fam
             c = _cfg_dict(name)
             m = _build_light(name)
+            tags = weight_tags(name)
             rows.append(dict(model=name, family=fam,
                              params_m=None if m is None else sum(p.numel() for p in m.parameters()) / 1e6,
-                             input=default_input(name, m), weights=weights_available(name),
+                             input=default_input(name, m), weights=bool(tags), tags=tags,
                              license=c.get("license") or "–"))
             del m
     return rows
@@ -240,8 +264,8 @@ def readme_table(rows: List[dict], results: Dict[str, List[dict]], cards_rel: st
             best = measured.get(r["model"])
             if best is None or str(r.get("date", "")) >= str(best.get("date", "")):
                 measured[r["model"]] = r
-    lines = ["| model | family | params (M) | default input | weights | licence | measured inference |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | family | params (M) | default input | weights | weights check | licence | measured inference |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         r = measured.get(row["model"])
         meas = "–"
@@ -253,11 +277,18 @@ def readme_table(rows: List[dict], results: Dict[str, List[dict]], cards_rel: st
             lic = lic[:57] + "…"
         lines.append(f"| {row['model']} | [{row['family']}]({cards_rel}/{row['family']}.md) | "
                      f"{_fmt(row['params_m'], 2)} | {row['input']} | {'yes' if row['weights'] else 'no'} | "
-                     f"{lic} | {meas} |")
+                     f"{verification_summary(row.get('tags') or {})} | {lic} | {meas} |")
     lines += ["", "Params counted on the meta device from the registry; weights = the default cfg or a tag has "
-              "a url / hf_hub_id; measured numbers from `tools/benchmark.py` (see each card for device, "
+              "a url / hf_hub_id; weights check = what is checked of the downloaded bytes: **verified** (a full "
+              "sha256 recorded in the cfg), **hash-prefix-checked** (the sha256 prefix torch.hub reads from the "
+              "file name, `name-<hex>.pth`) or **unverified** (no published hash: only the file format, then every "
+              "key and shape, are checked). Measured numbers from `tools/benchmark.py` (see each card for device, "
               "date and method). Models that do not take an image list one sample's `example_inputs` (batch 1) "
               "as their input and are measured in samples/s."]
+    tagged = [(t, lv) for row in rows for t, lv in (row.get("tags") or {}).items()]
+    if tagged:
+        lines += ["", "<details><summary>Pretrained tags and their weights check</summary>", "",
+                  "| tag | weights check |", "|---|---|"] + [f"| `{t}` | {lv} |" for t, lv in tagged] + ["", "</details>"]
     return "\n".join(lines)
 
 
@@ -266,7 +297,9 @@ def readme_table(rows: List[dict], results: Dict[str, List[dict]], cards_rel: st
 # --------------------------------------------------------------------------------------------------
 
 def _plt():
-    import matplotlib
+    from zoo._extras import requires_extra
+    with requires_extra("bench", "plotting"):
+        import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
