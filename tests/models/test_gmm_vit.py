@@ -1,9 +1,10 @@
-"""Gaussian-mixture-masked attention hosts (zoo/models/gmm_vit.py, zoo/layers/gmm_attention.py).
+"""Gaussian-mixture-masked attention hosts (zoo/models/gmm_vit/, zoo/layers/gmm_attention.py).
 
 The oracles below are written from the paper / reference formula, independently of the modules:
 the mixture is built as the reference builds it, alpha · D0 ** (1 / (sigma^2 + 1e-5)) with
 D0 = exp(-(dx^2 + dy^2)) ** 0.5, then multiplied into (or added to) explicit softmax logits.
 """
+import json
 import os
 import re
 
@@ -306,6 +307,48 @@ def test_checkpoint_filter_fn_reference_vit(gmm):
     assert G.checkpoint_filter_fn(own, model) is own
 
 
+OFFICIAL_KEYS = os.path.join(ROOT, "tests", "fixtures", "official_keys")
+GMM_MODELS = sorted(timm.list_models(module="gmm_vit"))
+
+
+def _official_layout(name):
+    with open(os.path.join(OFFICIAL_KEYS, f"{name}.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", GMM_MODELS)
+def test_official_key_layout_loads_strictly(name):
+    """The reference code's own state-dict layout (names and shapes, recorded from its models built
+    at the pinned commit) maps onto every host with nothing missing, left over or misshapen."""
+    layout = _official_layout(name)
+    assert layout["source"].startswith("CatworldLee/Gaussian-Mixture-Mask-Attention@b06b199")
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(shape, generator=g) for k, shape in layout["keys"].items()}
+    with torch.device("meta"):  # shapes are all this needs; assign=True puts the given tensors in
+        model = timm.create_model(name)
+    mapped = G.checkpoint_filter_fn({"model_state_dict": sd}, model)  # as the reference's main.py saves it
+    model.load_state_dict(mapped, strict=True, assign=True)
+    own = model.state_dict()
+    for k, v in mapped.items():  # loaded as given, only rearranged (patch Linear -> conv, (K, H, 1, 1) -> (H, K))
+        assert torch.equal(own[k], v), k
+    # all that is left out is fixed tables (distance masks, index tables, shift masks) and, for T2T,
+    # the sinusoid table, unused cls token and unused tokens_to_token.norm
+    fixed = r"(.*\.)?mask|.*\.relative_position_index|.*\.attn_mask"
+    unused = r"pos_embed|cls_token|tokens_to_token\.norm\.(weight|bias)" if "t2t" in name else "$^"
+    dropped = [k for k in sd if re.fullmatch(fixed, k) or re.fullmatch(unused, k)]
+    assert len(mapped) == len(sd) - len(dropped)
+
+
+def test_official_layout_errors_are_clear():
+    model = timm.create_model("gmm_swin_tiny_p2_32", depths=(1, 1, 1))
+    sd = {k: torch.zeros(s) for k, s in _official_layout("gmm_swin_tiny_p2_32")["keys"].items()}
+    sd["layers.0.blocks.0.attn.lepe.weight"] = torch.zeros(3)
+    with pytest.raises(KeyError, match=r"layers\.0\.blocks\.0\.attn\.lepe\.weight.*Swin"):
+        G.checkpoint_filter_fn(sd, model)
+    with pytest.raises(TypeError, match="gmm_vit host"):
+        G.checkpoint_filter_fn(sd, torch.nn.Linear(2, 2))
+
+
 CONFIG_DIR = os.path.join(ROOT, "configs", "gmm_vit")
 
 
@@ -345,3 +388,45 @@ def test_model_card_has_measured_digits_comparison():
             row = re.search(rf"\|\s*`?{name}`?\s*\|([^\n]*)", text)
             assert row, f"{name} missing from the digits table"
             assert re.search(r"\d+\.\d", row.group(1)), f"{name}: no measured accuracy"
+
+
+TINY = {  # one block per stage, narrow: what compile / export see is the same code at any size
+    "gmm_vit_tiny_p4_32": dict(depth=1, embed_dim=24, num_heads=2, head_dim=8),
+    "vit_tiny_p4_32_gmmbase": dict(depth=1, embed_dim=24, num_heads=2, head_dim=8),
+    "gmm_swin_tiny_p2_32": dict(depths=(2,), num_heads=(2,), embed_dim=16),  # a plain and a shifted block
+    "gmm_cait_tiny_p4_32": dict(depth=1, depth_token_only=1, embed_dim=24, num_heads=2, head_dim=8, mlp_hidden=32),
+    "gmm_pit_tiny_p2_32": dict(depths=(1, 1), num_heads=(2, 2), embed_dim=16),
+    "gmm_t2t_vit_32": dict(depth=1, embed_dim=32, num_heads=2, token_dim=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_compile_fullgraph_and_export_match_eager(name):
+    """torch.compile(fullgraph=True) traces every host without a graph break (forward and backward
+    equal eager); torch.export gives a program equal to eager. aot_eager keeps this fast: it runs
+    the same Dynamo capture and AOT autograd graphs inductor compiles."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, **TINY[name])  # no dropout: train mode is deterministic
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    ref.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5, msg=lambda s, n=n: f"{n}: {s}")
+    model.eval()
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_torchscript_names_the_supported_paths():
+    from zoo.errors import UnsupportedError
+    for name in ("gmm_vit_tiny_p4_32", "gmm_swin_tiny_p2_32", "gmm_cait_tiny_p4_32", "gmm_pit_tiny_p2_32",
+                 "gmm_t2t_vit_32"):
+        model = timm.create_model(name, **TINY[name])
+        with pytest.raises(UnsupportedError, match=r"torch\.compile.*torch\.export"):
+            torch.jit.script(model)
