@@ -3,6 +3,7 @@
 # label smoothing 0.1, Mixup / CutMix (alpha 1, switched 50/50), AutoAugment (dataset policy, in the
 # dataset classes of zoo/engine/datasets.py), repeated augmentation x3, random erasing 0.25,
 # stochastic depth 0.1. The reference mixes only half of the batches (mix_prob 0.5).
+# Datasets and their loaders come from configs/_base_/datasets; _<dataset>.py puts the two together.
 _base_ = ['../_base_/default_runtime.py']
 
 optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05))
@@ -14,13 +15,6 @@ param_scheduler = [
 train_cfg = dict(by_epoch=True, max_epochs=100, val_interval=1)
 val_cfg = dict()
 test_cfg = dict()
-
-_loader = dict(num_workers=4, persistent_workers=True, collate_fn=dict(type='default_collate'))
-train_dataloader = dict(batch_size=128, sampler=dict(type='RepeatAugSampler', shuffle=True, repeats=3), **_loader)
-val_dataloader = dict(batch_size=256, sampler=dict(type='DefaultSampler', shuffle=False), **_loader)
-test_dataloader = val_dataloader
-val_evaluator = dict(type='Accuracy', topk=(1, 5))
-test_evaluator = val_evaluator
 
 model = dict(
     type='TimmClassifier',

@@ -1,10 +1,3 @@
 # baseline swin on cifar100 (32 px) with the reference recipe (see _recipe.py).
-_base_ = ['./_recipe.py']
-model = dict(
-    model_name='swin_tiny_p2_32_gmmbase',
-    num_classes=100,
-    data_preprocessor=dict(mean=(0.507, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
-)
-train_dataloader = dict(dataset=dict(type='Cifar100Dataset', data_root='data/cifar', split='train', augment=True))
-val_dataloader = dict(dataset=dict(type='Cifar100Dataset', data_root='data/cifar', split='val', augment=False))
-test_dataloader = val_dataloader
+_base_ = ['./_cifar100.py']
+model = dict(model_name='swin_tiny_p2_32_gmmbase')
