@@ -4,7 +4,8 @@ For every query tile: the partial key tiles (element predicate applied) and the 
 (no predicate), `(num, idx[MAX])` each; and the transposed lists (per key tile: its query tiles)
 that the dK/dV kernel walks. Pure torch, vectorised, cached on the layout object.
 
-Token -> tile mapping ("modes"):
+Each layout builds its own LUT (`Layout.block_lut`) from the helpers here; `build_lut` caches
+it on the layout and builds the dense one. Token -> tile mapping ("modes"):
 - linear: tile t covers tokens [t·span, t·span + span), the tile is `span` rounded up to a power of
   two (>= 16); used by dense, causal, segments, dense masks and routed regions.
 - win2d (window_2d): a query tile is one query block (bq x bq, padded to powers of two); key tiles
@@ -16,13 +17,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from .layout import CausalLayout, MaskLayout, RoutedLayout, SegmentLayout, WindowLayout
-
-__all__ = ["BlockLUT", "build_lut", "next_pow2"]
+__all__ = ["BlockLUT", "build_lut", "next_pow2", "from_matrix", "linear_geo", "span_choice", "linear_tiles"]
 
 
 def next_pow2(x: int) -> int:
@@ -72,7 +70,8 @@ def _lists(C, val):
     return num.contiguous(), order.to(torch.int32).contiguous()
 
 
-def _from_matrix(C, **geo):
+def from_matrix(C, **geo):
+    """LUT from a tile-class matrix C (LB, LH, nQB, nKB) int8: 0 skip, 1 partial, 2 full."""
     kv_num, kv_idx = _lists(C, 1)
     full_num, full_idx = _lists(C, 2)
     Ct = C.transpose(-1, -2)
@@ -82,7 +81,7 @@ def _from_matrix(C, **geo):
                     q_idx=q_idx, fq_num=fq_num, fq_idx=fq_idx, nQB=C.shape[-2], nKB=C.shape[-1], **geo)
 
 
-def _span_choice(block, win, cap=16):
+def span_choice(block, win, cap=16):
     """Key tile span along one axis: a divisor of `block` (so windows stay aligned to the grid),
     minimising padded keys plus a per-tile overhead."""
     best = None
@@ -95,129 +94,36 @@ def _span_choice(block, win, cap=16):
     return best[1]
 
 
-def _linear_geo(span_q, span_k, Lq, Lk):
+def linear_geo(span_q, span_k, Lq, Lk):
     BM, BN = max(16, next_pow2(span_q)), max(16, next_pow2(span_k))
     return dict(q_mode=0, k_mode=0, QS=span_q, BM=BM, QX=1, KS=span_k, KSY=1, KSX=1, KTY=1, KTX=1, BN=BN,
                 ntx=1, ay=0, ax=0, k_pad=(span_k != BN) or (Lk % span_k != 0))
 
 
-def build_lut(layout, Lq: int, Lk: int, device, block_m: int = 64, block_n: int = 64,
-              tile_cap: int = 16) -> BlockLUT:
-    """LUT for `layout` (None = dense). block_m/block_n: token spans of linear tiles."""
-    key = (Lq, Lk, str(device), block_m, block_n, tile_cap)
-    cache = getattr(layout, "_lut_cache", None) if layout is not None else None
-    if cache is not None and key in cache:
-        return cache[key]
-    lut = _build(layout, Lq, Lk, device, block_m, block_n, tile_cap)
-    if layout is not None:
-        if cache is None:
-            cache = {}
-            try:
-                layout._lut_cache = cache
-            except AttributeError:  # pragma: no cover
-                pass
-        cache[key] = lut
-    return lut
-
-
-def _build(layout, Lq, Lk, dev, block_m, block_n, tile_cap):
-    if isinstance(layout, WindowLayout):
-        return _window(layout, dev, tile_cap)
-    if isinstance(layout, RoutedLayout):
-        S = layout.region_size
-        geo = _linear_geo(S, S, Lq, Lk)
-        geo["k_pad"] = S != geo["BN"]
-        idx = layout.topk_index.to(dev)
-        B, Hk, nR, k = idx.shape
-        C = torch.zeros(B, Hk, nR, nR, dtype=torch.int8, device=dev)
-        C.scatter_(-1, idx, 1 if layout.kv_valid is not None else 2)   # duplicates collapse here
-        return _from_matrix(C, **geo)
+def linear_tiles(Lq, Lk, device, block_m, block_n):
+    """Linear tile spans for (Lq, Lk): (geo, nQB, nKB, q starts, q ends, k starts, k ends, clean)
+    where `clean` (1, nKB) marks key tiles fully in range."""
     bm = min(block_m, max(16, next_pow2(Lq)))
     bn = min(block_n, max(16, next_pow2(Lk)))
-    geo = _linear_geo(bm, bn, Lq, Lk)
+    geo = linear_geo(bm, bn, Lq, Lk)
     nQB, nKB = -(-Lq // bm), -(-Lk // bn)
-    qs = torch.arange(nQB, device=dev) * bm
+    qs = torch.arange(nQB, device=device) * bm
     qe = torch.clamp(qs + bm, max=Lq)            # exclusive
-    ks = torch.arange(nKB, device=dev) * bn
+    ks = torch.arange(nKB, device=device) * bn
     ke = torch.clamp(ks + bn, max=Lk)
-    clean = (ke - ks == bn)[None, :]             # key tile fully in range
+    clean = (ke - ks == bn)[None, :]
+    return geo, nQB, nKB, qs, qe, ks, ke, clean
+
+
+def build_lut(layout, Lq: int, Lk: int, device, block_m: int = 64, block_n: int = 64,
+              tile_cap: int = 16) -> BlockLUT:
+    """LUT for `layout` (None = dense), cached on the layout. block_m/block_n: linear tile spans."""
     if layout is None:
+        geo, nQB, nKB, qs, qe, ks, ke, clean = linear_tiles(Lq, Lk, device, block_m, block_n)
         C = torch.where(clean, 2, 1).to(torch.int8).expand(nQB, nKB)[None, None].contiguous()
-        return _from_matrix(C, **geo)
-    if isinstance(layout, CausalLayout):
-        off, P = layout.offset, layout.prefix
-        i0, i1 = (qs + off)[:, None], (qe - 1 + off)[:, None]
-        j0, j1 = ks[None, :], (ke - 1)[None, :]
-        anyc = (j0 <= i1) | ((i0 < P) & (j0 < P))
-        allc = (j1 <= i0) | ((i1 < P) & (j1 < P))
-        full = allc & clean & (layout.kv_valid is None)
-        C = torch.where(full, 2, torch.where(anyc, 1, 0)).to(torch.int8)[None, None]
-        return _from_matrix(C.contiguous(), **geo)
-    if isinstance(layout, SegmentLayout):
-        big = torch.iinfo(torch.int64).max
-
-        def ranges(ids, span, n, L):
-            B = ids.shape[0]
-            pad = n * span - L
-            x = torch.nn.functional.pad(ids.to(dev), (0, pad), value=-1).view(B, n, span)
-            valid = x >= 0
-            mn = torch.where(valid, x, torch.full_like(x, big)).amin(-1)
-            mx = torch.where(valid, x, torch.full_like(x, -1)).amax(-1)
-            return mn, mx, valid.all(-1)
-
-        qmn, qmx, qall = ranges(layout.q_ids, bm, nQB, Lq)
-        kmn, kmx, kall = ranges(layout.kv_ids, bn, nKB, Lk)
-        anyc = (qmn[:, :, None] <= kmx[:, None, :]) & (kmn[:, None, :] <= qmx[:, :, None])
-        full = (qall & (qmn == qmx))[:, :, None] & (kall & (kmn == kmx))[:, None, :] \
-            & (qmn[:, :, None] == kmn[:, None, :]) & clean
-        C = torch.where(full, 2, torch.where(anyc, 1, 0)).to(torch.int8)[:, None]
-        return _from_matrix(C.contiguous(), **geo)
-    if isinstance(layout, MaskLayout):
-        m = layout.mask.to(dev)
-        Bm, Hm = m.shape[:2]
-        m = torch.nn.functional.pad(m, (0, nKB * bn - Lk, 0, nQB * bm - Lq))
-        m = m.view(Bm, Hm, nQB, bm, nKB, bn)
-        anyc = m.any(5).any(3)
-        allc = m.all(5).all(3) & clean
-        C = torch.where(allc, 2, torch.where(anyc, 1, 0)).to(torch.int8)
-        return _from_matrix(C.contiguous(), **geo)
-    raise TypeError(f"no LUT for layout {type(layout).__name__}")
-
-
-def _window(lay: WindowLayout, dev, tile_cap):
-    bq = lay.bq
-    QX = next_pow2(bq)
-    QY = max(next_pow2(bq), -(-16 // QX))
-    zero = lay.border == "zero"
-    KSY = _span_choice(lay.block, lay.win_h, tile_cap)
-    KSX = _span_choice(lay.block, lay.win_w, tile_cap)
-    KTY, KTX = next_pow2(KSY), next_pow2(KSX)
-    while KTY * KTX < 16:
-        KTY *= 2
-    ay = ax = lay.halo if zero else 0
-    ext_h = lay.h + (2 * lay.halo if zero else 0)
-    ext_w = lay.w + (2 * lay.halo if zero else 0)
-    nty, ntx = -(-ext_h // KSY), -(-ext_w // KSX)
-    sy, sx = lay.starts(dev)
-
-    def axis(starts, size, n, span, anchor, L):
-        t0 = torch.arange(n, device=dev) * span - anchor
-        t1 = t0 + span
-        s0, s1 = starts[:, None], (starts + size)[:, None]
-        overlap = (t0[None] < s1) & (t1[None] > s0)
-        inside = (t0[None] >= s0) & (t1[None] <= s1)
-        if not zero:
-            inside = inside & (t0[None] >= 0) & (t1[None] <= L)
-        return overlap, inside
-
-    oy, iy = axis(sy, lay.win_h, nty, KSY, ay, lay.h)
-    ox, ix = axis(sx, lay.win_w, ntx, KSX, ax, lay.w)
-    overlap = oy[:, None, :, None] & ox[None, :, None, :]
-    inside = iy[:, None, :, None] & ix[None, :, None, :]
-    if lay.kv_valid is not None:
-        inside = torch.zeros_like(inside)
-    C = torch.where(inside, 2, torch.where(overlap, 1, 0)).to(torch.int8)
-    C = C.reshape(lay.nby * lay.nbx, nty * ntx)[None, None].contiguous()
-    geo = dict(q_mode=1, k_mode=1, QS=bq, BM=QY * QX, QX=QX, KS=1, KSY=KSY, KSX=KSX, KTY=KTY, KTX=KTX,
-               BN=KTY * KTX, ntx=ntx, ay=ay, ax=ax, k_pad=True)
-    return _from_matrix(C, **geo)
+        return from_matrix(C, **geo)
+    key = (Lq, Lk, str(device), block_m, block_n, tile_cap)
+    cache = layout.__dict__.setdefault("_lut_cache", {})
+    if key not in cache:
+        cache[key] = layout.block_lut(Lq, Lk, device, block_m, block_n, tile_cap)
+    return cache[key]

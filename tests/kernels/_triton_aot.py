@@ -7,7 +7,7 @@ distinct launch for sm_90 in a subprocess with the interpreter off, through ptxa
 compiled-mode errors show up on a CPU-only machine.
 
 `python tests/kernels/_triton_aot.py` prints ptxas's register and spill counts for the kernels at
-the families' real tile shapes (how the launch configurations in triton_attention.py were chosen).
+the families' real tile shapes (how the launch configurations in triton/block_sparse.py were chosen).
 """
 import contextlib
 import inspect

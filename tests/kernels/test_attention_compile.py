@@ -18,7 +18,7 @@ def _inputs(dtype=torch.float64):
 
 def test_custom_op_opcheck_and_grads_match_eager():
     lay, q, k, v, rb = _inputs()
-    lt, fl, it, meta = flatten(lay, rb, None)
+    lt, fl, it, meta = flatten(lay, [rb])
     torch.library.opcheck(torch.ops.zoo.attention_ref.default, (q, k, v, lt, fl, it, meta, 0.5),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     leaves = [q, k, v, rb.rel_h, rb.rel_w]

@@ -1,11 +1,11 @@
 """Compiled-mode checks of the Triton kernels on a CUDA device (skipped without one; run by
-tools/gpu_check.sh with TRITON_INTERPRET=0): every interpreter case in fp32/fp16/bf16, head dims
+.ci/gpu_check.sh with TRITON_INTERPRET=0): every interpreter case in fp32/fp16/bf16, head dims
 16-256 incl. non powers of two, the compiled-Flex backend and torch.compile (inductor)."""
 import pytest
 import torch
 
 import zoo.kernels as zk
-from zoo.kernels import triton_attention as ta
+from zoo.kernels import triton as ta
 from zoo.kernels.reference import dense_oracle
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ta.HAS_TRITON and not ta.interpreter_enabled()),
@@ -23,7 +23,7 @@ def test_gpu_cases(name, dtype):
 @pytest.mark.parametrize("d", [16, 24, 32, 40, 48, 64, 80, 96, 128, 256])
 @pytest.mark.parametrize("layout", ["dense", "window", "routed", "key_lists"])
 def test_gpu_head_dims(d, layout, monkeypatch):
-    from zoo.kernels import keylist_triton
+    from zoo.kernels.triton import key_lists as keylist_triton
     monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0)     # key lists: the gather kernel
     dev = "cuda"
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def test_gpu_torch_compile_inductor_fullgraph():
 @pytest.mark.parametrize("gather", [True, False])
 def test_gpu_torch_compile_key_lists_fullgraph(gather, monkeypatch):
     """Key lists compile without graph breaks on both Triton paths (gather kernel, element mask)."""
-    from zoo.kernels import keylist_triton
+    from zoo.kernels.triton import key_lists as keylist_triton
     monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0 if gather else 0.0)
     dev = "cuda"
     L = 197
@@ -103,7 +103,7 @@ def test_gpu_torch_compile_key_lists_fullgraph(gather, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_gpu_key_lists_gather_kernel(dtype, monkeypatch):
     """The gather kernel compiled: unused slots, an empty row, dense rows, lse and its gradient."""
-    from zoo.kernels import keylist_triton
+    from zoo.kernels.triton import key_lists as keylist_triton
     from test_attention_triton import _keylist_case
     monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0)
     dev = "cuda"

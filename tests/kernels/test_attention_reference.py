@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import zoo.kernels as zk
-from zoo.kernels import reference as ref
+from zoo.kernels.layouts import routed
+from zoo.kernels.reference import core as ref
 from zoo.kernels.reference import dense_oracle
 
 DT = torch.float64
@@ -90,6 +91,17 @@ def _bias_leaves(bias, score_mod):
     return out
 
 
+def _rebuild(bias, sm, ts):
+    """The same bias / score mod on other tensors (autograd leaves)."""
+    i = 0
+    if isinstance(bias, torch.Tensor):
+        bias, i = ts[0], 1
+    elif bias is not None:
+        i = len(bias.tensors())
+        bias = bias.with_tensors(ts[:i])
+    return bias, (sm.with_tensors(ts[i:i + len(sm.tensors())]) if sm is not None else None)
+
+
 def _run_case(case, B=2, H=2, D=8, Dv=6, seed=0):
     torch.manual_seed(seed)
     name, Lq, Lk, mk_lay, mk_bias, mk_sm = case
@@ -158,7 +170,7 @@ def test_gradcheck_fp64(case):
         t.requires_grad_(True)
 
     def fn(q, k, v, *bt):
-        b, s = ref._rebuild(bias, sm, list(bt))
+        b, s = _rebuild(bias, sm, list(bt))
         o, l = zk.attention(q, k, v, lay, bias=b, score_mod=s, return_lse=True)
         return o, torch.where(torch.isfinite(l), l, torch.zeros_like(l))
 
@@ -302,7 +314,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_key_lists_sparse_path_equals_masked_sdpa_at_model_shape():
     """The CSR path (not the mask fallback) at a Sparsifiner-like shape: 65 tokens, cls row dense,
     ceil(0.25 N) keys per row; forward, lse and all three gradients against masked SDPA in fp32."""
-    from zoo.kernels import rowsparse
+    from zoo.kernels.reference import key_lists as rowsparse
     torch.manual_seed(0)
     B, H, N, D = 2, 3, 65, 16
     q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
@@ -407,12 +419,12 @@ def test_routed_many_small_regions_take_the_dense_mask_sdpa_path(monkeypatch):
     q, k, v = (_rand(B, H, nR * S, 8, requires_grad=True) for _ in range(3))
     calls = []
     real = F.scaled_dot_product_attention
-    monkeypatch.setattr(ref.F, "scaled_dot_product_attention",
+    monkeypatch.setattr(routed.F, "scaled_dot_product_attention",
                         lambda *a, **kw: calls.append(kw.get("attn_mask")) or real(*a, **kw))
     o1 = zk.attention(q, k, v, lay, scale=0.3)
     assert calls and calls[0] is not None and calls[0].dtype == torch.bool
     o2, _ = dense_oracle(q, k, v, lay, scale=0.3)
-    monkeypatch.setattr(ref, "DENSE_ROUTED_FRACTION", 2.0)       # force the gathered path
+    monkeypatch.setattr(routed, "DENSE_ROUTED_FRACTION", 2.0)       # force the gathered path
     o3 = zk.attention(q, k, v, lay, scale=0.3)
     torch.testing.assert_close(o1, o2, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(o3, o2, atol=1e-10, rtol=1e-9)
@@ -455,7 +467,7 @@ def test_key_lists_any_operand_layout(geometry, dense_rows, idx_shape, with_lse)
     """The CSR path reads q, k, v in place (packed qkv, transposed, stride-0 heads) or copies them when
     their vectors are not whole storage rows; forward, lse and all gradients equal the oracle, with
     and without a gradient flowing into the lse."""
-    from zoo.kernels import rowsparse
+    from zoo.kernels.reference import key_lists as rowsparse
     B, H, L, D = 2, 3, 12, 4
     leaves, views = _geometry(geometry, B, H, L, L, D)
     q, k, v = views(*leaves)
@@ -489,7 +501,7 @@ def test_key_lists_any_operand_layout(geometry, dense_rows, idx_shape, with_lse)
 def test_key_lists_sparse_transpose_backward(geometry, monkeypatch):
     """Large maps take dk, dv from the transposed CSR (entries sorted by key) instead of the dense
     scratch buffer: same gradients."""
-    from zoo.kernels import rowsparse
+    from zoo.kernels.reference import key_lists as rowsparse
     monkeypatch.setattr(rowsparse, "DENSE_TRANSPOSE_MAX", 0)
     B, H, L, D = 2, 3, 12, 4
     leaves, views = _geometry(geometry, B, H, L, L, D)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zoo.kernels as zk
-from zoo.kernels import triton_attention as ta
+from zoo.kernels import triton as ta
 from zoo.kernels.lut import build_lut
 from zoo.kernels.reference import dense_oracle
 
@@ -87,6 +87,17 @@ def _leaves(bias, sm):
     return out
 
 
+def _rebuild(bias, sm, ts):
+    """The same bias / score mod on other tensors (e.g. float64 leaves)."""
+    i = 0
+    if isinstance(bias, torch.Tensor):
+        bias, i = ts[0], 1
+    elif bias is not None:
+        i = len(bias.tensors())
+        bias = bias.with_tensors(ts[:i])
+    return bias, (sm.with_tensors(ts[i:i + len(sm.tensors())]) if sm is not None else None)
+
+
 def _to(obj, dev):
     """Move a layout / bias / score-mod object's tensors to `dev` (GPU variant of these tests)."""
     if obj is None or isinstance(obj, torch.Tensor):
@@ -116,7 +127,6 @@ def _check(name, dtype, D=16, Dv=16, scale=None, device="cpu"):
     g1 = torch.autograd.grad((o * go).sum() + (torch.where(fin, l, 0) * gl).sum(), leaves)
 
     dl = [t.detach().double().requires_grad_(True) for t in leaves]
-    from zoo.kernels.reference import _rebuild
     b2, s2 = _rebuild(bias, sm, dl[3:])
     o2, l2 = dense_oracle(dl[0], dl[1], dl[2], lay, bias=b2, score_mod=s2, scale=scale)
     fin2 = torch.isfinite(l2)
@@ -170,7 +180,7 @@ def test_triton_rejects_bad_input():
         zk.attention(q, q, q, backend="triton")
 
 
-# -- key lists: the gather kernel (keylist_triton.py), never the element mask ----------------------
+# -- key lists: the gather kernel (triton/key_lists.py), never the element mask ----------------------
 def _keylist_case(B_, H_, Lq, Lk, K, idx_b, idx_h, seed):
     g = torch.Generator().manual_seed(seed)
     idx = torch.rand(idx_b, idx_h, Lq, Lk, generator=g).topk(K, -1).indices
@@ -188,8 +198,8 @@ def _keylist_case(B_, H_, Lq, Lk, K, idx_b, idx_h, seed):
     (2, 2, 21, 50, 1, (2, 1), 18, 32, 16, False),   # one key per row, lists shared by heads, most rows dense
 ])
 def test_triton_key_lists_gather_kernel(shape, dtype, monkeypatch):
-    from zoo.kernels import keylist_triton
-    from zoo.kernels.layout import KeyListLayout
+    from zoo.kernels.triton import key_lists as keylist_triton
+    from zoo.kernels import KeyListLayout
 
     def no_mask(self):
         raise AssertionError("the Triton key-lists path must not build the dense mask")
@@ -230,8 +240,8 @@ def test_triton_key_lists_gather_kernel(shape, dtype, monkeypatch):
 def test_triton_key_lists_dispatch_sparse_lists_gather_dense_lists_mask(monkeypatch):
     """Lists keeping <= 1/16 of the keys go to the gather kernel, denser ones to the block-sparse
     kernel on their element mask (tensor cores), unless that mask would be too large."""
-    from zoo.kernels import keylist_triton
-    from zoo.kernels.layout import KeyListLayout
+    from zoo.kernels.triton import key_lists as keylist_triton
+    from zoo.kernels import KeyListLayout
     calls = []
     as_mask = KeyListLayout.as_mask
     monkeypatch.setattr(KeyListLayout, "as_mask", lambda self: calls.append("mask") or as_mask(self))
@@ -255,8 +265,8 @@ def test_triton_key_lists_dispatch_sparse_lists_gather_dense_lists_mask(monkeypa
 def test_triton_key_lists_mask_kernel_for_bias_score_mod_and_deterministic_mode(extra, monkeypatch):
     """The gather kernel takes plain attention only, and not in deterministic mode (its backward
     uses atomics): with a bias, a score mod or deterministic algorithms the lists become the mask."""
-    from zoo.kernels import keylist_triton
-    from zoo.kernels.layout import KeyListLayout
+    from zoo.kernels.triton import key_lists as keylist_triton
+    from zoo.kernels import KeyListLayout
     monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0)           # density alone would gather
     calls = []
     as_mask = KeyListLayout.as_mask
@@ -282,8 +292,8 @@ def test_triton_key_lists_mask_kernel_for_bias_score_mod_and_deterministic_mode(
 
 def test_triton_key_lists_longer_than_the_keys_next_to_dense_rows(monkeypatch):
     """K > Lk (unused slots) in a block that also holds a dense row: every listed slot is walked."""
-    from zoo.kernels import keylist_triton
-    from zoo.kernels.layout import KeyListLayout
+    from zoo.kernels.triton import key_lists as keylist_triton
+    from zoo.kernels import KeyListLayout
     monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", float("inf"))       # K / Lk = 7 / 4
     monkeypatch.setattr(KeyListLayout, "as_mask", None)                        # (the gather kernel only)
     idx = torch.full((1, 1, 6, 7), -1, dtype=torch.long)
@@ -304,7 +314,7 @@ def test_triton_key_lists_longer_than_the_keys_next_to_dense_rows(monkeypatch):
 
 def test_triton_key_lists_custom_op_opcheck():
     """The gather kernel's torch.library op (what torch.compile calls): schema, fake tensors, autograd."""
-    from zoo.kernels import keylist_triton  # noqa: F401  registers zoo::attention_keylists
+    from zoo.kernels.triton import key_lists  # noqa: F401  registers zoo::attention_keylists
     torch.manual_seed(6)
     idx = _keylist_case(1, 2, 12, 12, 3, 1, 2, seed=6)
     q, k, v = (_r(1, 2, 12, 16).requires_grad_(True) for _ in range(3))

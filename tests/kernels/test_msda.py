@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from zoo.kernels import msda
-from zoo.kernels import msda_triton
+from zoo.kernels.msda import op as msda
+from zoo.kernels.msda import triton as msda_triton
 from zoo.kernels.msda import MultiScaleDeformableAttention, ms_deform_attn, ms_deform_attn_grid_sample
 
 RAGGED = [(5, 7), (3, 4), (2, 2)]
@@ -150,8 +150,8 @@ def test_input_errors(monkeypatch):
 
 
 def test_reference_without_triton(monkeypatch):
-    """With triton not importable the module still imports and the reference path runs. kernels/
-    is loaded a second time as a bare package, with `import triton` made to fail."""
+    """With triton not importable the module still imports and the reference path runs.
+    kernels/msda/ is loaded a second time as a bare package, with `import triton` made to fail."""
     import importlib
     import types
 
@@ -161,15 +161,15 @@ def test_reference_without_triton(monkeypatch):
     pkg.__path__ = [os.path.dirname(msda.__file__)]
     monkeypatch.setitem(sys.modules, "_msda_probe", pkg)
     try:
-        probe = importlib.import_module("_msda_probe.msda")
-        assert not importlib.import_module("_msda_probe.msda_triton").AVAILABLE
+        probe = importlib.import_module("_msda_probe.op")
+        assert not importlib.import_module("_msda_probe.triton").AVAILABLE
         value, shapes, starts, loc, attn = _inputs()
         torch.testing.assert_close(probe.ms_deform_attn(value, shapes, None, loc, attn),
                                    ms_deform_attn(value, shapes, starts, loc, attn, backend="reference"))
         with pytest.raises(RuntimeError, match="triton"):
             probe.ms_deform_attn(value, shapes, starts, loc, attn, backend="triton")
     finally:
-        for name in ("_msda_probe.msda", "_msda_probe.msda_triton"):
+        for name in ("_msda_probe.op", "_msda_probe.triton"):
             sys.modules.pop(name, None)
 
 

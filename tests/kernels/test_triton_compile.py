@@ -4,8 +4,8 @@ values, constexpr/tensor mixes, 3-D tile layouts) the interpreter lets through f
 import pytest
 import torch
 
-from zoo.kernels import msda_triton
-from zoo.kernels import triton_attention as ta
+from zoo.kernels.msda import triton as msda_triton
+from zoo.kernels import triton as ta
 
 from _triton_aot import compile_specs, model_shaped_launches, record_launches
 

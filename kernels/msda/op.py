@@ -1,3 +1,6 @@
+# SPDX-License-Identifier: Apache-2.0
+# Derived from IDEA-Research/detrex (Apache-2.0; Copyright 2022 - present, IDEA, Inc); see THIRD_PARTY_NOTICES.md
+# Derived from fundamentalvision/Deformable-DETR (Apache-2.0; Copyright (c) 2020 SenseTime. All Rights Reserved); see THIRD_PARTY_NOTICES.md
 """Multi-scale deformable attention (Deformable-DETR's MSDeformAttn), the op and the module.
 
 ``ms_deform_attn`` samples, for every query, head, level and point, the value map of that level
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from . import msda_triton as _tk
+from . import triton as _tk
 
 __all__ = ["ms_deform_attn", "MultiScaleDeformableAttention", "ms_deform_attn_grid_sample"]
 
@@ -76,6 +79,34 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     if tuple(attention_weights.shape) != (N, Lq, M, L, P):
         raise ValueError(f"ms_deform_attn: attention_weights must be (N, Lq, M, L, P) = "
                          f"{(N, Lq, M, L, P)}, got {tuple(attention_weights.shape)}")
+    if not isinstance(spatial_shapes, torch.Tensor) and not isinstance(level_start_index, torch.Tensor):
+        # Python (h, w) pairs: checked without a host sync, so torch.compile / export trace through
+        shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+        if len(shapes) != L:
+            raise ValueError(f"ms_deform_attn: spatial_shapes must hold L={L} (h, w) pairs, got {list(shapes)}")
+        starts = None if level_start_index is None else [int(i) for i in level_start_index]
+    else:
+        shapes, starts = _shapes_from_tensors(spatial_shapes, level_start_index, L)
+    if any(h <= 0 or w <= 0 for h, w in shapes):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be positive, got {list(shapes)}")
+    expect, acc = [], 0
+    for h, w in shapes:
+        expect.append(acc)
+        acc += h * w
+    if acc != S:
+        raise ValueError(f"ms_deform_attn: value has S={S} tokens but spatial_shapes {list(shapes)} "
+                         f"sum to {acc}")
+    if starts is not None and starts != expect:
+        raise ValueError(f"ms_deform_attn: level_start_index {starts} must be the running sum of "
+                         f"h*w, i.e. {expect}")
+    dev = value.device
+    shapes_t = torch.tensor(shapes, dtype=torch.int64).reshape(L, 2).to(dev)
+    starts_t = torch.tensor(expect, dtype=torch.int64).to(dev)
+    return shapes, shapes_t, starts_t
+
+
+def _shapes_from_tensors(spatial_shapes, level_start_index, L):
+    """(h, w) pairs and level starts (None if not given) read from tensors (one host sync)."""
     if not isinstance(spatial_shapes, torch.Tensor):
         spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.int64)
     if spatial_shapes.dtype.is_floating_point or spatial_shapes.dtype == torch.bool \
@@ -95,23 +126,7 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     both = torch.cat([spatial_shapes.reshape(-1).to("cpu", torch.int64),
                       level_start_index.to("cpu", torch.int64)]).tolist()
     shapes = tuple((int(both[2 * i]), int(both[2 * i + 1])) for i in range(L))
-    starts = both[2 * L:]
-    if any(h <= 0 or w <= 0 for h, w in shapes):
-        raise ValueError(f"ms_deform_attn: spatial_shapes must be positive, got {list(shapes)}")
-    expect, acc = [], 0
-    for h, w in shapes:
-        expect.append(acc)
-        acc += h * w
-    if acc != S:
-        raise ValueError(f"ms_deform_attn: value has S={S} tokens but spatial_shapes {list(shapes)} "
-                         f"sum to {acc}")
-    if starts != expect:
-        raise ValueError(f"ms_deform_attn: level_start_index {starts} must be the running sum of "
-                         f"h*w, i.e. {expect}")
-    dev = value.device
-    shapes_t = torch.tensor(shapes, dtype=torch.int64).reshape(L, 2).to(dev)
-    starts_t = torch.tensor(expect, dtype=torch.int64).to(dev)
-    return shapes, shapes_t, starts_t
+    return shapes, both[2 * L:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,8 +237,9 @@ def ms_deform_attn(
 
     Args:
         value: (N, S, M, D), S = sum of h*w over levels, levels concatenated row-major.
-        spatial_shapes: (L, 2) integer (h, w) per level.
-        level_start_index: (L,) running sum of h*w (None: computed).
+        spatial_shapes: (L, 2) integer (h, w) per level: a tensor, or a sequence of Python int pairs
+            (read without a device sync, which torch.compile / torch.export need).
+        level_start_index: (L,) running sum of h*w (None: computed); a tensor, or Python ints.
         sampling_locations: (N, Lq, M, L, P, 2) normalised (x, y); [0, 1] is the map, values outside
             are allowed and follow ``padding_mode``.
         attention_weights: (N, Lq, M, L, P), used as given (callers softmax them).
@@ -391,6 +407,7 @@ class MultiScaleDeformableAttention(nn.Module):
         True = padding (zeroed in the projected value)."""
         if spatial_shapes is None:
             raise ValueError("MultiScaleDeformableAttention: spatial_shapes (L, 2) is required")
+        shapes_arg = spatial_shapes  # Python (h, w) pairs stay Python for the op (no host sync)
         if not isinstance(spatial_shapes, torch.Tensor):
             spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.int64, device=query.device)
         if value is None:
@@ -422,7 +439,7 @@ class MultiScaleDeformableAttention(nn.Module):
         attn = self.attention_weights(query).view(N, Lq, self.num_heads, self.num_levels * self.num_points)
         attn = attn.softmax(-1).view(N, Lq, self.num_heads, self.num_levels, self.num_points)
         loc = self.sampling_locations(query, reference_points, spatial_shapes)
-        out = ms_deform_attn(v, spatial_shapes, level_start_index, loc, attn,
+        out = ms_deform_attn(v, shapes_arg, level_start_index, loc, attn,
                              padding_mode=self.padding_mode, align_corners=self.align_corners,
                              backend=self.backend, deterministic=self.deterministic)
         out = self.output_proj(out)

@@ -1,4 +1,4 @@
-"""Triton backend: block-sparse flash attention, forward and backward, on the LUTs of lut.py.
+"""Triton block-sparse flash attention, forward and backward, on the block LUTs of kernels/lut.py.
 
 Grid (query tile, batch·head) for the forward and dQ kernels, (key tile, batch·head) for dK/dV
 (walking the transposed LUT, so no atomics on dK/dV). Per tile pair: logits = scale·q·kᵀ, GMM
@@ -7,36 +7,30 @@ element predicate (window membership incl. virtual border keys, kv_valid, segmen
 dense-mask bits). Online softmax in base 2 with fp32 statistics. Bias-table, rel-pos and GMM
 parameter gradients use fp32 atomics in the dQ kernel; a dense bias gets its dS tile stored.
 
+The host side knows no layout or modifier types: `_Plan` starts from neutral kernel arguments and
+lets the layout (`Layout.triton_args`, `Layout.block_lut`) and each modifier
+(`Modifier.triton_args`, `triton_grad_buffers`, `triton_grads`) fill in theirs.
+
 Only plain `tl.load/store/dot/atomic_add` are used so the same code runs on triton 3.6 and 3.8 and
 under TRITON_INTERPRET=1 (tests run the kernels on CPU tensors that way; no bf16 there).
 """
-import os
 from typing import List, Tuple
 
 import torch
 
-from .bias import GaussianMixture, IndexedBias, RelPosBias
-from .layout import CausalLayout, KeyListLayout, MaskLayout, RoutedLayout, SegmentLayout, WindowLayout
-from .lut import BlockLUT, build_lut, next_pow2
+from ..lut import build_lut
+from ._common import HAS_TRITON, bs, call_reason, contig, pow2_at_least_16, tl, triton
 
-try:  # triton is optional: without it only the reference backend exists
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    HAS_TRITON = False
+__all__ = ["can_run", "run", "TILE_OPTIONS"]
 
-__all__ = ["triton_attention", "interpreter_enabled", "HAS_TRITON", "TILE_OPTIONS"]
-
+NAME = "triton"
 # linear tile spans (dense / causal / segments / mask); tests shrink them to get few programs
 TILE_OPTIONS = {"block_m": 64, "block_n": 64}
 
 
-def interpreter_enabled() -> bool:
-    """True when Triton kernels may run on CPU tensors (TRITON_INTERPRET=1, tests only)."""
-    return HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+def can_run(q, k, v, layout, mods, dropout_p):
+    why = call_reason(q, k, v, "triton", "the block-sparse Triton kernel", layout, mods, dropout_p)
+    return not why, why
 
 
 if HAS_TRITON:
@@ -545,99 +539,56 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-def _bs(t, dim):
-    """Stride of `dim`, 0 where the tensor broadcasts (size 1)."""
-    return t.stride(dim) if t.shape[dim] > 1 else 0
+# ------------------------------------------------------------------------------------------------
+# host side
+# ------------------------------------------------------------------------------------------------
+def _neutral_args(dev):
+    """Kernel arguments with every layout predicate and modifier switched off."""
+    dummy = torch.zeros(1, device=dev, dtype=torch.int32)
+    fdummy = torch.zeros(1, device=dev, dtype=torch.float32)
+    return dict(bq=1, nbx=1, wq=1, block=1, halo=0, win_h=1, win_w=1, mh=1, mw=1, WIN=False, CLAMP=False,
+                KVV=dummy, kvv_sb=0, HAS_KVV=False, QID=dummy, KID=dummy, qid_sb=0, kid_sb=0, HAS_SEG=False,
+                c_off=0, c_pre=0, CAUSAL=False, MSK=dummy, m_sb=0, m_sh=0, m_si=0, m_sj=0, HAS_MASK=False,
+                BIAS=0, BP=fdummy, bp_sb=0, bp_sh=0, bp_si=0, bp_sj=0, TAB=fdummy, tab_sh=0, IDX=dummy,
+                ix_sb=0, ix_si=0, ix_sj=0, RH=fdummy, RW=fdummy, rh_sb=0, rh_sh=0, rh_si=0, rw_sb=0, rw_sh=0,
+                rw_si=0, Rh=1, Rw=1, RP_WIN=False, qgw=1, kgw=1, ALPHA=fdummy, SIGMA=fdummy, a_sh=0, GP=0,
+                ggw=1, NK=1, KP=2, GMM=False, GADD=False), fdummy
 
 
-def _float_tensors(bias, score_mod):
-    ts = []
-    if isinstance(bias, torch.Tensor):
-        ts.append(bias)
-    elif isinstance(bias, IndexedBias):
-        ts.append(bias.table)
-    elif isinstance(bias, RelPosBias):
-        ts += [bias.rel_h, bias.rel_w]
-    if score_mod is not None:
-        ts += [score_mod.alpha, score_mod.sigma]
-    return ts
+def _neutral_grads(fdummy):
+    return dict(DBIAS=fdummy, db_sb=0, db_sh=0, db_si=0, db_sj=0, DB_ATOMIC=False, DTAB=fdummy, DRH=fdummy,
+                DRW=fdummy, DALPHA=fdummy, DSIGMA=fdummy)
 
 
 class _Plan:
     """Everything a launch needs: LUT, kernel scalar/constexpr arguments and auxiliary tensors."""
 
-    def __init__(self, q, k, v, layout, scale, bias, score_mod):
+    def __init__(self, q, k, v, layout, scale, mods):
         B, H, Lq, D = q.shape
         Lk, Dv = k.shape[2], v.shape[3]
         dev = q.device
         self.B, self.H, self.Lq, self.Lk, self.D, self.Dv = B, H, Lq, Lk, D, Dv
-        self.layout, self.bias, self.score_mod = layout, bias, score_mod
+        self.layout, self.mods = layout, list(mods)
         # Tiles that also evaluate a bias, the GMM mod or mask bits, or wide heads, need more
         # registers: at 64x64 with 4 warps ptxas spilled 100-1600 bytes per thread on sm_90. Those
         # variants get 8 warps and, with linear tiles, 32-key tiles (spill-free for D <= 64).
-        heavy = (bias is not None or score_mod is not None or isinstance(layout, MaskLayout)
-                 or max(D, Dv) > 64)
-        linear = not isinstance(layout, (WindowLayout, RoutedLayout))
+        heavy = bool(mods) or (layout is not None and layout.heavy_predicate) or max(D, Dv) > 64
+        linear = layout is None or layout.linear_tiles
         block_n = min(TILE_OPTIONS["block_n"], 32) if heavy and linear else TILE_OPTIONS["block_n"]
         lut = build_lut(layout, Lq, Lk, dev, TILE_OPTIONS["block_m"], block_n)
         self.lut = lut
-        dummy = torch.zeros(1, device=dev, dtype=torch.int32)
-        fdummy = torch.zeros(1, device=dev, dtype=torch.float32)
-        self.dummy, self.fdummy = dummy, fdummy
-        a = dict(Lq=Lq, Lk=Lk, H=H, scale=float(scale), Q_MODE=lut.q_mode, QS=lut.QS, QX=lut.QX,
-                 bq=1, nbx=1, wq=1, block=1, halo=0, win_h=1, win_w=1, mh=1, mw=1,
+        a, self.fdummy = _neutral_args(dev)
+        a.update(Lq=Lq, Lk=Lk, H=H, scale=float(scale), Q_MODE=lut.q_mode, QS=lut.QS, QX=lut.QX,
                  K_MODE=lut.k_mode, KS=lut.KS, KSY=lut.KSY, KSX=lut.KSX, KTX=lut.KTX, ntx=lut.ntx, ay=lut.ay,
-                 ax=lut.ax, K_PAD=bool(lut.k_pad), WIN=False, CLAMP=False,
-                 KVV=dummy, kvv_sb=0, HAS_KVV=False, QID=dummy, KID=dummy, qid_sb=0, kid_sb=0, HAS_SEG=False,
-                 c_off=0, c_pre=0, CAUSAL=False, MSK=dummy, m_sb=0, m_sh=0, m_si=0, m_sj=0, HAS_MASK=False,
-                 BIAS=0, BP=fdummy, bp_sb=0, bp_sh=0, bp_si=0, bp_sj=0, TAB=fdummy, tab_sh=0, IDX=dummy,
-                 ix_sb=0, ix_si=0, ix_sj=0, RH=fdummy, RW=fdummy, rh_sb=0, rh_sh=0, rh_si=0, rw_sb=0, rw_sh=0,
-                 rw_si=0, Rh=1, Rw=1, RP_WIN=False, qgw=1, kgw=1, ALPHA=fdummy, SIGMA=fdummy, a_sh=0, GP=0,
-                 ggw=1, NK=1, KP=2, GMM=False, GADD=False, BM=lut.BM, BN=lut.BN, D=D, DV=Dv,
-                 DP=max(16, next_pow2(D)), DVP=max(16, next_pow2(Dv)),
+                 ax=lut.ax, K_PAD=bool(lut.k_pad), BM=lut.BM, BN=lut.BN, D=D, DV=Dv,
+                 DP=pow2_at_least_16(D), DVP=pow2_at_least_16(Dv),
                  DOT_DTYPE={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(q.dtype, tl.float32),
                  PREC="ieee" if q.dtype == torch.float32 else "tf32")
         self.KTY = lut.KTY
-        kv_valid = getattr(layout, "kv_valid", None)
-        if isinstance(layout, WindowLayout):
-            a.update(bq=layout.bq, nbx=layout.nbx, wq=layout.w // layout.stride, block=layout.block,
-                     halo=layout.halo, win_h=layout.win_h, win_w=layout.win_w, mh=layout.h, mw=layout.w,
-                     WIN=True, CLAMP=layout.border == "clamp")
-        if kv_valid is not None:
-            kvv = kv_valid.to(device=dev, dtype=torch.int8).contiguous()
-            a.update(KVV=kvv, kvv_sb=_bs(kvv, 0), HAS_KVV=True)
-        if isinstance(layout, SegmentLayout):
-            qi = layout.q_ids.to(device=dev, dtype=torch.int32).contiguous()
-            ki = layout.kv_ids.to(device=dev, dtype=torch.int32).contiguous()
-            a.update(QID=qi, KID=ki, qid_sb=_bs(qi, 0), kid_sb=_bs(ki, 0), HAS_SEG=True)
-        if isinstance(layout, CausalLayout):
-            a.update(c_off=layout.offset, c_pre=layout.prefix, CAUSAL=True)
-        if isinstance(layout, MaskLayout):
-            m = layout.mask.to(device=dev, dtype=torch.int8)
-            a.update(MSK=m, m_sb=_bs(m, 0), m_sh=_bs(m, 1), m_si=m.stride(2), m_sj=m.stride(3), HAS_MASK=True)
-        if isinstance(bias, torch.Tensor):
-            bt = bias
-            while bt.dim() < 4:
-                bt = bt.unsqueeze(0)
-            self.bias4 = bt
-            a.update(BIAS=1, BP=bt, bp_sb=_bs(bt, 0), bp_sh=_bs(bt, 1), bp_si=_bs(bt, 2), bp_sj=_bs(bt, 3))
-        elif isinstance(bias, IndexedBias):
-            tab = bias.table.contiguous()
-            idx = bias.index.to(device=dev, dtype=torch.int32).contiguous()
-            a.update(BIAS=2, TAB=tab, tab_sh=_bs(tab, 0), IDX=idx, ix_sb=_bs(idx, 0), ix_si=idx.stride(1),
-                     ix_sj=idx.stride(2))
-        elif isinstance(bias, RelPosBias):
-            rh, rw = bias.rel_h.contiguous(), bias.rel_w.contiguous()
-            a.update(BIAS=3, RH=rh, RW=rw, rh_sb=_bs(rh, 0), rh_sh=_bs(rh, 1), rh_si=rh.stride(2),
-                     rw_sb=_bs(rw, 0), rw_sh=_bs(rw, 1), rw_si=rw.stride(2), Rh=rh.shape[-1], Rw=rw.shape[-1],
-                     RP_WIN=isinstance(layout, WindowLayout))
-            if not isinstance(layout, WindowLayout):
-                a.update(qgw=bias.q_grid[1], kgw=bias.k_grid[1])
-        if score_mod is not None:
-            al, sg = score_mod.alpha.contiguous(), score_mod.sigma.contiguous()
-            NK = al.shape[1]
-            a.update(ALPHA=al, SIGMA=sg, a_sh=1 if al.shape[0] > 1 else 0, GP=score_mod.num_prefix_tokens,
-                     ggw=score_mod.grid[1], NK=NK, KP=max(2, next_pow2(NK)), GMM=True, GADD=score_mod.mode == "add")
+        if layout is not None:
+            a.update(layout.triton_args(dev))
+        for m in self.mods:
+            a.update(m.triton_args(layout, dev))
         self.args = a
         big = max(a["DP"], a["DVP"])
         self.num_warps = 8 if heavy and lut.BM * lut.BN >= 64 * 32 else 4
@@ -650,18 +601,21 @@ class _Plan:
             n, i, fn, fi = L.kv_num, L.kv_idx, L.full_num, L.full_idx
         else:
             n, i, fn, fi = L.q_num, L.q_idx, L.fq_num, L.fq_idx
-        return (n, i, fn, fi, _bs(n, 0), _bs(n, 1), _bs(i, 0), _bs(i, 1), i.stride(2),
-                _bs(fi, 0), _bs(fi, 1), fi.stride(2))
+        return (n, i, fn, fi, bs(n, 0), bs(n, 1), bs(i, 0), bs(i, 1), i.stride(2),
+                bs(fi, 0), bs(fi, 1), fi.stride(2))
+
+
+def _strides(*ts):
+    """(batch, head, row) strides of each (B, H, L, D) tensor, flattened (the kernels' order)."""
+    return [s for t in ts for s in (t.stride(0), t.stride(1), t.stride(2))]
 
 
 def _fwd(plan: _Plan, q, k, v):
     B, H, Lq = plan.B, plan.H, plan.Lq
     out = torch.empty(B, H, Lq, plan.Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
-    grid = (plan.lut.nQB, B * H)
-    _attn_fwd[grid](q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                    k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                    *plan.lut_args(), **plan.args, **plan.launch)
+    _attn_fwd[(plan.lut.nQB, B * H)](q, k, v, out, lse, *_strides(q, k, v, out), *plan.lut_args(),
+                                     **plan.args, **plan.launch)
     return out, lse
 
 
@@ -676,54 +630,25 @@ def _bwd(plan: _Plan, dout, dlse, q, k, v, out, lse):
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     a = plan.args
-    _attn_bwd_dkdv[(plan.lut.nKB, B * H)](
-        q, k, v, dout, lse, delta, dk, dv, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        *plan.lut_args(transposed=True), **a, **plan.launch)
-    fd = plan.fdummy
-    dbias = dtab = drh = drw = dal = dsg = None
-    db_args = (fd, 0, 0, 0, 0, False)
-    if a["BIAS"] == 1:
-        bt = plan.bias4
-        dbias = torch.zeros(bt.shape, device=q.device, dtype=torch.float32)
-        atomic = any(bt.shape[i] == 1 and n > 1 for i, n in enumerate((B, H, plan.Lq, plan.Lk)))
-        db_args = (dbias, _bs(dbias, 0), _bs(dbias, 1), _bs(dbias, 2), _bs(dbias, 3), atomic)
-    if a["BIAS"] == 2:
-        dtab = torch.zeros(a["TAB"].shape, device=q.device, dtype=torch.float32)
-    if a["BIAS"] == 3:
-        drh = torch.zeros(a["RH"].shape, device=q.device, dtype=torch.float32)
-        drw = torch.zeros(a["RW"].shape, device=q.device, dtype=torch.float32)
-    if a["GMM"]:
-        dal = torch.zeros(a["ALPHA"].shape, device=q.device, dtype=torch.float32)
-        dsg = torch.zeros(a["SIGMA"].shape, device=q.device, dtype=torch.float32)
-    _attn_bwd_dq[(plan.lut.nQB, B * H)](
-        q, k, v, dout, lse, delta, dq, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), *plan.lut_args(), *db_args,
-        dtab if dtab is not None else fd, drh if drh is not None else fd, drw if drw is not None else fd,
-        dal if dal is not None else fd, dsg if dsg is not None else fd, plan.KTY, **a, **plan.launch)
-    fgrads = []
-    bias, sm = plan.bias, plan.score_mod
-    if isinstance(bias, torch.Tensor):
-        fgrads.append(dbias.to(bias.dtype).reshape(bias.shape))
-    elif isinstance(bias, IndexedBias):
-        fgrads.append(dtab.to(bias.table.dtype))
-    elif isinstance(bias, RelPosBias):
-        fgrads += [drh.to(bias.rel_h.dtype), drw.to(bias.rel_w.dtype)]
-    if sm is not None:
-        fgrads += [dal.to(sm.alpha.dtype), dsg.to(sm.sigma.dtype)]
+    _attn_bwd_dkdv[(plan.lut.nKB, B * H)](q, k, v, dout, lse, delta, dk, dv, *_strides(q, k, v, dout, dk, dv),
+                                          *plan.lut_args(transposed=True), **a, **plan.launch)
+    shape = (B, H, plan.Lq, plan.Lk)
+    grads = _neutral_grads(plan.fdummy)
+    per_mod = []
+    for m in plan.mods:
+        bufs = m.triton_grad_buffers(a, shape, q.device)
+        grads.update(bufs)
+        per_mod.append(bufs)
+    _attn_bwd_dq[(plan.lut.nQB, B * H)](q, k, v, dout, lse, delta, dq, *_strides(q, k, v, dout, dq),
+                                        *plan.lut_args(), KTY=plan.KTY, **grads, **a, **plan.launch)
+    fgrads = [g for m, bufs in zip(plan.mods, per_mod) for g in m.triton_grads(bufs)]
     return dq, dk, dv, fgrads
-
-
-def _contig(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale, bias, score_mod, *ftensors):
-        plan = _Plan(q, k, v, layout, scale, bias, score_mod)
+    def forward(ctx, q, k, v, layout, scale, mods, *ftensors):
+        plan = _Plan(q, k, v, layout, scale, mods)
         out, lse = _fwd(plan, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
@@ -733,43 +658,18 @@ class _TritonAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv, fgrads = _bwd(ctx.plan, dout, dlse, q, k, v, out, lse)
-        return (dq, dk, dv, None, None, None, None, *fgrads)
+        return (dq, dk, dv, None, None, None, *fgrads)
 
 
-def check_inputs(q, k, v):
-    """What every Triton path needs: triton, CUDA (or the interpreter), fp32/16/bf16, heads <= 256."""
-    if not HAS_TRITON:
-        raise RuntimeError("attention: backend='triton' needs the triton package; use backend='reference'")
-    if q.device.type != "cuda" and not interpreter_enabled():
-        raise ValueError(f"attention: backend='triton' needs CUDA tensors, got {q.device}")
-    if q.dtype == torch.float64:
-        raise ValueError("attention: backend='triton' supports float32/float16/bfloat16, not float64")
-    D, Dv = q.shape[-1], v.shape[-1]
-    if max(D, Dv) > 256:
-        raise ValueError(f"attention: backend='triton' supports head dims up to 256, got D={D}, Dv={Dv}")
-    B, H, Lq = q.shape[:3]
-    if max(q.numel(), k.numel(), v.numel(), B * H * Lq * Dv) >= 2 ** 31:
-        raise ValueError(f"attention: backend='triton' addresses tensors with 32-bit offsets; q {tuple(q.shape)} / "
-                         f"v {tuple(v.shape)} exceed 2^31 elements: split the batch")
-
-
-def triton_attention(q, k, v, layout, scale, bias, score_mod, return_lse):
-    """Triton backend entry (CUDA, or CPU under TRITON_INTERPRET=1). Returns (out, lse).
-
-    Key lists: plain attention on sparse lists runs on the gather kernel (keylist_triton.py);
-    otherwise the block-sparse kernels take the lists as their element mask."""
-    check_inputs(q, k, v)
-    if isinstance(layout, KeyListLayout):
-        from . import keylist_triton
-        if bias is None and score_mod is None and keylist_triton.prefer_gather(layout, q.shape[0], q.shape[1]):
-            return keylist_triton.keylist_attention(q, k, v, layout, scale)
-        layout = layout.as_mask()
-    q, k, v = _contig(q), _contig(k), _contig(v)
+def run(q, k, v, layout, scale, mods, return_lse, dropout):
+    """Backend entry (the router checked `can_run`; CUDA, or CPU under TRITON_INTERPRET=1)."""
+    q, k, v = contig(q), contig(k), contig(v)
     if torch.compiler.is_compiling():
-        from .custom_op import flatten
-        lt, fl, it, meta = flatten(layout, bias, score_mod)
+        from ..custom_op import flatten
+        lt, fl, it, meta = flatten(layout, mods)
         return torch.ops.zoo.attention_triton(q, k, v, lt, fl, it, meta, float(scale))
-    return _TritonAttention.apply(q, k, v, layout, scale, bias, score_mod, *_float_tensors(bias, score_mod))
+    ftensors = [t for m in mods for t in m.tensors()]
+    return _TritonAttention.apply(q, k, v, layout, scale, tuple(mods), *ftensors)
 
 
 if HAS_TRITON:
@@ -777,10 +677,9 @@ if HAS_TRITON:
     def _attention_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lt: List[torch.Tensor],
                              fl: List[torch.Tensor], it: List[torch.Tensor], meta: List[int], scale: float
                              ) -> Tuple[torch.Tensor, torch.Tensor]:
-        from .custom_op import unflatten
-        layout, bias, sm, _ = unflatten(lt, fl, it, meta)
-        plan = _Plan(q, k, v, layout, scale, bias, sm)
-        return _fwd(plan, q, k, v)
+        from ..custom_op import unflatten
+        layout, mods, _ = unflatten(lt, fl, it, meta, as_list=True)
+        return _fwd(_Plan(q, k, v, layout, scale, mods), q, k, v)
 
     @_attention_triton_op.register_fake
     def _(q, k, v, lt, fl, it, meta, scale):
@@ -792,10 +691,9 @@ if HAS_TRITON:
                                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, lt: List[torch.Tensor],
                                  fl: List[torch.Tensor], it: List[torch.Tensor], meta: List[int], scale: float
                                  ) -> List[torch.Tensor]:
-        from .custom_op import unflatten
-        layout, bias, sm, _ = unflatten(lt, fl, it, meta)
-        plan = _Plan(q, k, v, layout, scale, bias, sm)
-        dq, dk, dv, fgrads = _bwd(plan, dout, dlse, q, k, v, out, lse)
+        from ..custom_op import unflatten
+        layout, mods, _ = unflatten(lt, fl, it, meta, as_list=True)
+        dq, dk, dv, fgrads = _bwd(_Plan(q, k, v, layout, scale, mods), dout, dlse, q, k, v, out, lse)
         return [dq, dk, dv, *fgrads]
 
     @_attention_triton_bwd_op.register_fake

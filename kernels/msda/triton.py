@@ -1,6 +1,6 @@
 """Triton kernels for multi-scale deformable attention (forward, backward, deterministic grad).
 
-Layouts (contiguous; checked by the caller in ``msda.py``): value (N, S, M, D), sampling_locations
+Layouts (contiguous; checked by the caller in ``msda/op.py``): value (N, S, M, D), sampling_locations
 (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P), output / grad_output (N, Lq, M*D).
 The row of a (n, q, m) triple is ``(n*Lq + q)*M + m``: it indexes the output in units of D and
 the per-sample tensors in units of L*P.

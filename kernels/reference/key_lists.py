@@ -1,4 +1,4 @@
-"""Reference path for `key_lists` layouts: logits only at the listed (query, key) pairs.
+"""Reference key-list backend: logits only at the listed (query, key) pairs (`key_lists` layouts).
 
 Dense SDPA computes every Lq x Lk logit and a mask would only hide most of them. Here the listed
 pairs of all B*H heads form one sparse CSR matrix with K entries per query row: `sampled_addmm`
@@ -26,9 +26,10 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from .layout import KeyListLayout
+from ..layouts.base import unsupported
+__all__ = ["can_run", "supports", "key_list_attention"]
 
-__all__ = ["supports", "rowsparse_attention"]
+NAME = "reference"
 
 _NEG_INF = float("-inf")
 # backward: maps of up to this many (B, H, Lq, Lk) elements take dk, dv from a dense scratch buffer
@@ -36,10 +37,21 @@ DENSE_TRANSPOSE_MAX = 1 << 24
 _softmax_out = torch.ops.aten._softmax.out
 
 
+def can_run(q, k, v, layout, mods, dropout_p):
+    """Plain scaled attention (no modifiers, no dropout) on a layout given as key lists, in fp32 /
+    fp64 (fp16 / bf16 are upcast on CPU), with at least one listed key per row."""
+    why = unsupported("key_lists", "the reference key-list path", layout, mods, dropout_p)
+    if why:
+        return False, why
+    if not supports(layout, q, None, None):
+        return False, "no listed keys, only dense rows, or an unsupported dtype"
+    return True, ""
+
+
 def supports(layout, q, bias, score_mod) -> bool:
     """The sparse path covers plain scaled attention in fp32/fp64 (fp16/bf16 are upcast on CPU)."""
     dt = torch.float32 if (q.dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu") else q.dtype
-    return (isinstance(layout, KeyListLayout) and bias is None and score_mod is None
+    return (layout is not None and layout.lowers_to("key_lists") and bias is None and score_mod is None
             and dt in (torch.float32, torch.float64) and layout.index.shape[-1] > 0
             and layout.dense_rows < layout.q_len and q.numel() > 0)
 
@@ -195,7 +207,7 @@ def _frame(q, k, v, layout):
 class _Pattern:
     """The listed keys of one layout on one frame: column indices (and the transpose, on demand)."""
 
-    def __init__(self, layout: KeyListLayout, fr: _Frame):
+    def __init__(self, layout, fr: _Frame):
         self.fr = fr
         idx = layout.index.to(fr.crow.device)                 # all rows; the dense rows' are dummies
         self.idx, self.has_pad = idx, layout.has_pad
@@ -376,7 +388,7 @@ class _RowSparse(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def rowsparse_attention(q, k, v, layout: KeyListLayout, scale: float, return_lse: bool):
+def key_list_attention(q, k, v, layout, scale: float, return_lse: bool):
     """q (B, H, Lq, D), k, v fp32/fp64 -> (out (B, H, Lq, Dv), lse (B, H, Lq) or None).
     The output is laid out like q (see the module docstring)."""
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
@@ -392,3 +404,21 @@ def rowsparse_attention(q, k, v, layout: KeyListLayout, scale: float, return_lse
             layout._cache.clear()
         pat = layout._cache[fr] = _Pattern(layout, fr)
     return _RowSparse.apply(q, k, v, pat, scale, return_lse)
+
+
+def run(q, k, v, layout, scale, mods, return_lse, dropout):
+    """Backend entry (the router checked `can_run`); under torch.compile (or `force_custom_op`)
+    through the registered custom op (kernels/custom_op.py)."""
+    from .. import custom_op
+    if custom_op.use_custom_op():
+        return custom_op.reference_op(q, k, v, layout, scale, mods, return_lse, dropout)
+    return compute(q, k, v, layout, scale, mods, return_lse, dropout)
+
+
+def compute(q, k, v, layout, scale, mods, return_lse, dropout):
+    """fp16 / bf16 on CPU compute in fp32."""
+    in_dtype = q.dtype
+    if in_dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu":
+        q, k, v = q.float(), k.float(), v.float()
+    out, lse = key_list_attention(q, k, v, layout, scale, return_lse)
+    return out.to(in_dtype), lse

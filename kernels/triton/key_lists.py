@@ -1,4 +1,4 @@
-"""Triton backend for `key_lists` layouts: each query gathers only its own listed keys.
+"""Triton key-list backend: each query gathers only its own listed keys (`key_lists` layouts).
 
 The block-sparse kernels see key lists as an element mask; at 25 % random keys nearly every key
 tile is partly kept, so they would compute (and mask) almost the whole score matrix. Here a program
@@ -12,40 +12,33 @@ Backward: one kernel recomputes the probabilities per chunk, accumulates dQ in r
 dK, dV into fp32 buffers with atomics (a key may be listed by any query, so there is no tile that
 owns it).
 
-The per-pair dot products run on CUDA cores, the block-sparse kernel's tiles on tensor cores (about
-15x the fp16 throughput on H100). So `prefer_gather` sends only sparse lists here (K / Lk <=
-1/16) and lists whose element mask would be huge; denser lists go to the mask kernel. The
-threshold is an estimate from those throughputs, not yet calibrated on a GPU.
+The per-pair dot products run on CUDA cores, the block-sparse kernel's tiles on tensor cores; which
+of the two takes a call is the router's choice (kernels/op.py, `prefer_gather`).
 """
 from typing import List, Tuple
 
 import torch
 
-from .layout import KeyListLayout
-from .lut import next_pow2
-from .triton_attention import HAS_TRITON, _bs, _contig, check_inputs
+from ._common import HAS_TRITON, bs, call_reason, contig, pow2_at_least_16, tl, triton
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
+__all__ = ["can_run", "run", "keylist_attention"]
 
-__all__ = ["keylist_attention"]
+NAME = "triton"
 
 BLOCK_M = 8             # query rows per program
 GATHER_ELEMS = 2048     # BM * BK * head-dim elements per gathered tile: no register spills on sm_90
                         # for head dims 16-256 (ptxas -v on the compiled kernels)
-GATHER_MAX_KEEP = 1 / 16        # lists keeping at most this fraction of the keys use this kernel,
-MASK_MAX_ELEMENTS = 1 << 28     # and lists whose (B, H, Lq, Lk) element mask would exceed this
+# the router (kernels/op.py, prefer_gather) sends key lists here when they keep at most this fraction
+# of the keys (per-pair dot products on CUDA cores vs block-sparse tiles on tensor cores, about 15x
+# the fp16 throughput on H100: an estimate from that ratio), or when their element mask would
+# exceed MASK_MAX_ELEMENTS
+GATHER_MAX_KEEP = 1 / 16
+MASK_MAX_ELEMENTS = 1 << 28
 
 
-def prefer_gather(layout: KeyListLayout, B: int, H: int) -> bool:
-    """Gather kernel, or the block-sparse kernel on the lists' element mask (see the module doc).
-    Deterministic mode (`torch.use_deterministic_algorithms`) always takes the mask kernel: the
-    gather backward adds dK/dV with atomics."""
-    if torch.are_deterministic_algorithms_enabled():
-        return False
-    K = layout.index.shape[-1]
-    return K <= GATHER_MAX_KEEP * layout.kv_len or B * H * layout.q_len * layout.kv_len > MASK_MAX_ELEMENTS
+def can_run(q, k, v, layout, mods, dropout_p):
+    why = call_reason(q, k, v, "key_lists", "the key-list gather kernel", layout, mods, dropout_p)
+    return not why, why
 
 
 if HAS_TRITON:
@@ -161,16 +154,16 @@ if HAS_TRITON:
 def _launch_args(q, k, v, index, kv_len, dense_rows):
     B, H, Lq, D = q.shape
     Dv = v.shape[-1]
-    DP, DVP = max(16, next_pow2(D)), max(16, next_pow2(Dv))
+    DP, DVP = pow2_at_least_16(D), pow2_at_least_16(Dv)
     bk = max(1, min(16, GATHER_ELEMS // (BLOCK_M * max(DP, DVP))))
-    common = (_bs(index, 0), _bs(index, 1), index.stride(2), index.stride(3),
+    common = (bs(index, 0), bs(index, 1), index.stride(2), index.stride(3),
               H, Lq, kv_len, index.shape[-1], dense_rows, max(kv_len, index.shape[-1]))
     meta = dict(D=D, DP=DP, DVP=DVP, BM=BLOCK_M, BK=bk, num_warps=4)
     return (triton.cdiv(Lq, BLOCK_M), B * H), common, meta
 
 
 def _forward(q, k, v, index, kv_len, dense_rows, scale):
-    q, k, v = _contig(q), _contig(k), _contig(v)
+    q, k, v = contig(q), contig(k), contig(v)
     B, H, Lq, _ = q.shape
     out = torch.empty(B, H, Lq, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
@@ -182,8 +175,8 @@ def _forward(q, k, v, index, kv_len, dense_rows, scale):
 
 
 def _backward(dout, dlse, q, k, v, out, lse, index, kv_len, dense_rows, scale):
-    q, k, v = _contig(q), _contig(k), _contig(v)
-    dout = _contig(dout)
+    q, k, v = contig(q), contig(k), contig(v)
+    dout = contig(dout)
     delta = (dout.float() * out.float()).sum(-1)
     if dlse is not None:
         delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(lse))
@@ -219,14 +212,19 @@ class _KeyListTriton(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def keylist_attention(q, k, v, layout: KeyListLayout, scale: float):
+def keylist_attention(q, k, v, layout, scale: float):
     """q (B, H, Lq, D), k, v on CUDA (or CPU under TRITON_INTERPRET=1) -> (out, lse fp32)."""
-    check_inputs(q, k, v)
-    q, k, v = _contig(q), _contig(k), _contig(v)
-    index = layout.index.to(q.device)
+    q, k, v = contig(q), contig(k), contig(v)
+    index, kv_len, dense_rows, _ = layout.key_list_args()
+    index = index.to(q.device)
     if torch.compiler.is_compiling():
-        return torch.ops.zoo.attention_keylists(q, k, v, index, layout.kv_len, layout.dense_rows, float(scale))
-    return _KeyListTriton.apply(q, k, v, index, layout.kv_len, layout.dense_rows, float(scale))
+        return torch.ops.zoo.attention_keylists(q, k, v, index, kv_len, dense_rows, float(scale))
+    return _KeyListTriton.apply(q, k, v, index, kv_len, dense_rows, float(scale))
+
+
+def run(q, k, v, layout, scale, mods, return_lse, dropout):
+    """Backend entry (the router checked `can_run`)."""
+    return keylist_attention(q, k, v, layout, scale)
 
 
 if HAS_TRITON:

@@ -1,0 +1,76 @@
+"""What every Triton kernel of zoo.kernels shares: the optional import, the interpreter switch,
+input checks, stride and padding helpers."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # triton is optional: without it only the reference backend exists
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "triton", "tl", "interpreter_enabled", "device_reason", "check_inputs", "bs", "contig",
+           "next_pow2", "pow2_at_least_16", "call_reason"]
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels may run on CPU tensors (TRITON_INTERPRET=1, tests only)."""
+    return HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def pow2_at_least_16(x: int) -> int:
+    """Padded head dim of a kernel tile (a power of two, at least 16: the smallest tl.dot size)."""
+    return max(16, next_pow2(x))
+
+
+def device_reason(q, k, v) -> str:
+    """Why the Triton kernels cannot take these tensors ("" when they can): triton installed, CUDA
+    (or the interpreter), fp32/16/bf16, head dims <= 256, 32-bit offsets."""
+    if not HAS_TRITON:
+        return "backend='triton' needs the triton package; use backend='reference'"
+    if q.device.type != "cuda" and not interpreter_enabled():
+        return f"backend='triton' needs CUDA tensors (got {q.device}); use backend='reference' on CPU"
+    if q.dtype == torch.float64:
+        return "backend='triton' supports float32/float16/bfloat16, not float64"
+    D, Dv = q.shape[-1], v.shape[-1]
+    if max(D, Dv) > 256:
+        return f"backend='triton' supports head dims up to 256, got D={D}, Dv={Dv}"
+    B, H, Lq = q.shape[:3]
+    if max(q.numel(), k.numel(), v.numel(), B * H * Lq * Dv) >= 2 ** 31:
+        return (f"backend='triton' addresses tensors with 32-bit offsets; q {tuple(q.shape)} / v {tuple(v.shape)} "
+                "exceed 2^31 elements: split the batch")
+    return ""
+
+
+def call_reason(q, k, v, lowering, what, layout, mods, dropout_p) -> str:
+    """Why a Triton implementation cannot run this call ("" when it can): the tensors
+    (`device_reason`), then the layout, modifiers and dropout (`layouts.base.unsupported`)."""
+    from ..layouts.base import unsupported
+    return device_reason(q, k, v) or unsupported(lowering, what, layout, mods, dropout_p)
+
+
+def check_inputs(q, k, v):
+    """Raise the `device_reason` (RuntimeError without triton, else ValueError)."""
+    why = device_reason(q, k, v)
+    if why:
+        raise (RuntimeError if not HAS_TRITON else ValueError)(f"attention: {why}")
+
+
+def bs(t, dim):
+    """Stride of `dim`, 0 where the tensor broadcasts (size 1)."""
+    return t.stride(dim) if t.shape[dim] > 1 else 0
+
+
+def contig(t):
+    """t with unit stride in its last dim (the kernels' vector loads need it)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
