@@ -97,6 +97,8 @@ def _validate(q, k, v, layout, scale, bias, score_mod, backend, head_mix, dropou
     if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
         raise ValueError(f"attention: q, k, v must share (B, H); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
+    if D < 1 or v.shape[3] < 1:
+        raise ValueError(f"attention: head dims must be >= 1, got q/k {D} and v {v.shape[3]}")
     if k.shape[3] != D:
         raise ValueError(f"attention: q and k head dims differ: {D} vs {k.shape[3]}")
     if v.shape[2] != k.shape[2]:

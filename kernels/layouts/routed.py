@@ -43,6 +43,9 @@ class RoutedLayout(Layout):
         if idx.dim() == 3:
             idx = idx[:, None]
         B, Hk, nR, k = idx.shape
+        if k < 1 or nR < 1:
+            raise ValueError(f"routed_topk: topk_index must list at least one key region for each of at least "
+                             f"one query region (k >= 1, nR >= 1), got shape {tuple(topk_index.shape)}")
         if idx.numel() and not torch.compiler.is_compiling() and (int(idx.min()) < 0 or int(idx.max()) >= nR):
             raise ValueError(f"routed_topk: topk_index values must be in [0, nR={nR}), got range "
                              f"[{int(idx.min())}, {int(idx.max())}]")

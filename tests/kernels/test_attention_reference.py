@@ -279,6 +279,10 @@ def test_bad_inputs_raise_clear_errors():
         zk.attention(q, q, q, backend="flex")
     with pytest.raises(ValueError, match=r"\[0, nR=4\)"):
         zk.routed_topk(torch.tensor([[[0, 4]]]).expand(1, 4, 2), 4)
+    with pytest.raises(ValueError, match="k >= 1"):
+        zk.routed_topk(torch.zeros(1, 4, 0, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="head dims must be >= 1"):
+        zk.attention(q[..., :0], q[..., :0], q[..., :0])
     with pytest.raises(ValueError, match="batch"):
         zk.attention(torch.randn(3, 2, 16, 8), torch.randn(3, 2, 16, 8), torch.randn(3, 2, 16, 8),
                      zk.segments(torch.zeros(2, 16, dtype=torch.long)))
