@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo  # noqa: F401
+from zoo.errors import UnsupportedError
 from zoo.models.agunet import (AttentionGate3d, AttentionUNet3d, ChannelAttention3d, PositionAttention3d,
                                TFSameConvTranspose3d, keras_to_torch, pool_factors)
 
@@ -234,7 +235,9 @@ def test_registered_names_and_cfgs():
     assert set(NAMES) <= set(zoo.list_models(family="agunet"))
     for n in NAMES:
         cfg = timm.get_pretrained_cfg(n).to_dict()
-        assert cfg["num_classes"] == 2 and cfg["test_input_size"][0] == 1 and len(cfg["test_input_size"]) == 4
+        assert cfg["num_classes"] == 2 and cfg["input_size"][0] == 1 and len(cfg["input_size"]) == 4
+        assert cfg["test_input_size"] == cfg["input_size"]
+        assert not {"mean", "std", "interpolation", "crop_pct", "crop_mode"} & set(cfg)  # no 2-D image fields
         assert cfg["paper_ids"] == "arXiv:2101.07715" and cfg["license"] and cfg["origin_url"]
     m = timm.create_model("dagunet_3d_small", num_classes=3)
     sd = m.state_dict()
@@ -272,8 +275,12 @@ def test_classifier_api_and_intermediates():
         assert len(model.forward_intermediates(x, indices=2, intermediates_only=True)) == 2
         model.reset_classifier(5)
         assert model(x).shape == (1, 5, 8, 8, 8)
-    with pytest.raises(ValueError, match="global pooling"):
+    with pytest.raises(UnsupportedError, match="global pooling"):
         model.reset_classifier(2, "avg")
+    model.reset_classifier(0)  # timm's meaning: no head, the model returns its features
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.forward_features(x))
+    assert model.num_classes == 0 and isinstance(model.get_classifier(), torch.nn.Identity)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,3 +411,81 @@ def test_configs_load_and_build():
         m = cfg.model
         model = timm.create_model(m.model_name, num_classes=m.num_classes, **(m.get("model_kwargs") or {}))
         assert isinstance(model, AttentionUNet3d)
+
+
+# ------------------------------------------------------------------------------------------------
+# timm generic calls, torch.compile, torch.export
+# ------------------------------------------------------------------------------------------------
+def test_data_config_raises_documented_error():
+    """The cfg gives the volume size (C, D1, D2, D3); timm's 2-D image data config is refused with
+    the documented error naming the 3-D pipeline, never filled with ImageNet defaults."""
+    from timm.data import resolve_data_config, resolve_model_data_config
+
+    m = timm.create_model("agunet_3d_small")
+    assert m.pretrained_cfg["input_size"] == (1, 32, 32, 32)
+    assert timm.create_model("dagunet_3d").pretrained_cfg["input_size"] == (1, 128, 128, 144)
+    for call in (lambda: resolve_data_config({}, model=m), lambda: resolve_model_data_config(m),
+                 lambda: resolve_data_config({}, model=timm.create_model("daunet_3d_small", features_only=True))):
+        with pytest.raises(UnsupportedError, match="zoo.tasks.seg3d"):
+            call()
+    with pytest.raises(UnsupportedError, match="torch.compile"):
+        torch.jit.script(m)
+
+
+def test_features_only_encoder_maps():
+    """features_only: the encoder's pre-pool maps and the attended bottleneck (``feature_info``),
+    the same tensors as forward_intermediates; axes of size <= 4 stop pooling."""
+    m = _tiny("dag").eval()
+    feats = timm.create_model("dagunet_3d_small", filters=TINY, features_only=True).eval()
+    feats.model.load_state_dict(m.state_dict())
+    assert feats.feature_info.channels() == list(TINY) and feats.feature_info.reduction() == [1, 2, 4, 8, 16]
+    x = torch.randn(1, 1, 16, 16, 32)
+    with torch.no_grad():
+        maps = feats(x)
+        expect = m.forward_intermediates(x, intermediates_only=True)
+    sizes = [(16, 16, 32), (8, 8, 16), (4, 4, 8), (4, 4, 4), (4, 4, 4)]
+    assert [tuple(t.shape) for t in maps] == [(1, c, *s) for c, s in zip(TINY, sizes)]
+    for a, b in zip(maps, expect):
+        torch.testing.assert_close(a, b)
+    two = timm.create_model("agunet_3d_small", features_only=True, out_indices=(0, 4))
+    assert two.feature_info.channels() == [8, 64] and len(two(torch.randn(1, 1, 16, 16, 16))) == 2
+
+
+def _loss(out):
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    return sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ag", "dag"])
+def test_torch_compile_fullgraph_matches_eager(kind):
+    """fullgraph=True (0 graph breaks), eval and train (deep-supervision list) with a backward:
+    outputs and parameter gradients equal eager's."""
+    m = _tiny(kind, attn_drop_rate=0.0)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 1, 8, 8, 16)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), m(x), rtol=1e-4, atol=1e-5)
+    m.train()
+    res = []
+    for fn in (m, compiled):
+        m.zero_grad()
+        out = fn(x)
+        _loss(out).backward()
+        res.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (oe, ge), (oc, gc) = res
+    assert isinstance(oc, list) and len(oc) == len(oe) == len(TINY) - 1
+    for a, b in zip(oc, oe):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert ge.keys() == gc.keys() == {n for n, _ in m.named_parameters()}
+    for k in ge:
+        torch.testing.assert_close(gc[k], ge[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_torch_export_matches_eager():
+    m = _tiny("dag").eval()
+    x = torch.randn(1, 1, 8, 8, 16)
+    ep = torch.export.export(m, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-4, atol=1e-5)

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 
 import zoo  # noqa: F401
+from zoo.errors import UnsupportedError
+from zoo.hub import PretrainedMismatchError
 from zoo.layers.detr_blocks import (HungarianMatcher, PositionEmbeddingSine, build_cdn_queries, cdn_attn_mask,
                                     dn_match_indices, sine_box_embed)
 from zoo.models.focus_detr import (FocusDETR, ForegroundTokenSelector, MaskPredictor, OESMAttention,
@@ -452,7 +454,179 @@ def test_pretrained_file_load_through_create_model(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(m(x)["pred_boxes"], src(x)["pred_boxes"])
-    m5 = timm.create_model("focus_detr_tiny", pretrained=True, num_classes=5,
+    with pytest.raises(PretrainedMismatchError, match="class_embed.*pretrained_head='reset'"):
+        timm.create_model("focus_detr_tiny", pretrained=True, num_classes=5,
+                          pretrained_cfg_overlay=dict(file=str(path)), **kw)  # a head that does not fit
+    m5 = timm.create_model("focus_detr_tiny", pretrained=True, num_classes=5, pretrained_head="reset",
                            pretrained_cfg_overlay=dict(file=str(path)), **kw)
     assert m5.class_embed[0].weight.shape[0] == 5
     torch.testing.assert_close(m5.level_embed, src.level_embed)
+
+
+# ------------------------------------------------------------------------------------------------
+# timm generic calls, torch.compile, torch.export
+# ------------------------------------------------------------------------------------------------
+def test_unpadded_budgets_are_static_and_equal_the_tensor_rule():
+    """Without padding the per-layer counts come from Python ints (float32 products as upstream);
+    they equal the tensor rule, and an unpadded forward equals one with an all-False mask."""
+    cascade = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)
+    for rho in (0.5, 0.3, 0.1, 0.7, 0.33):
+        for n in list(range(1, 300)) + [5440, 13294, 21760]:
+            focus_t, ks_t = cascade_token_counts(torch.tensor([n, n]), rho, cascade, n)
+            focus_i, ks_i = cascade_token_counts(n, rho, cascade, n)
+            assert ks_i == ks_t and focus_i == int(focus_t[0]), (rho, n)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 50, generator=g)
+    a = select_foreground(logits, None, 0.5, (1.0, 0.6))
+    b = select_foreground(logits, torch.zeros(2, 50, dtype=torch.bool), 0.5, (1.0, 0.6))
+    assert a[3] == b[3] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    m = _tiny().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = m(x, torch.zeros(2, 64, 96, dtype=torch.bool))
+        out = m(x)
+    for k in ("pred_logits", "pred_boxes", "fg_logits"):
+        torch.testing.assert_close(out[k], ref[k], rtol=0, atol=0)
+
+
+def test_deformable_attention_python_shapes_equal_tensor_shapes():
+    """The detector hands the deformable attention Python (h, w) pairs (no host sync, traceable);
+    the op gives what it gives for tensor shapes, and checks them the same way."""
+    from zoo.kernels.msda import ms_deform_attn
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 6), (2, 3)]
+    value = torch.randn(2, 30, 2, 8, generator=g)
+    loc = torch.rand(2, 5, 2, 2, 3, 2, generator=g)
+    attn = torch.rand(2, 5, 2, 2, 3, generator=g)
+    ref = ms_deform_attn(value, torch.tensor(shapes), torch.tensor([0, 24]), loc, attn)
+    torch.testing.assert_close(ms_deform_attn(value, shapes, [0, 24], loc, attn), ref, rtol=0, atol=0)
+    torch.testing.assert_close(ms_deform_attn(value, shapes, None, loc, attn), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="running sum"):
+        ms_deform_attn(value, shapes, [0, 20], loc, attn)
+    with pytest.raises(ValueError, match="sum to"):
+        ms_deform_attn(value, [(4, 6), (2, 2)], None, loc, attn)
+
+
+def test_features_only_returns_neck_maps():
+    """features_only: every neck level by default (strides 8..64, embed_dim channels), matching
+    feature_info; the transformer after the neck is pruned away."""
+    full = _tiny().eval()
+    torch.manual_seed(0)
+    feats = timm.create_model("focus_detr_tiny", features_only=True).eval()
+    feats.model.load_state_dict({k: v for k, v in full.state_dict().items() if k.startswith(("backbone.", "neck."))})
+    info = feats.feature_info
+    assert info.reduction() == [8, 16, 32, 64] and info.channels() == [64] * 4
+    assert info.module_name() == ["neck.convs.0", "neck.convs.1", "neck.convs.2", "neck.extra_convs.0"]
+    assert not any(k.startswith(("model.encoder.", "model.decoder.", "model.class_embed.")) for k in feats.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        maps = feats(x)
+        expect = full.forward_neck(x)
+        out, inter = full.forward_intermediates(x, indices=[1, 3])
+    assert [tuple(f.shape) for f in maps] == [(2, 64, math.ceil(64 / s), math.ceil(96 / s)) for s in (8, 16, 32, 64)]
+    for a, b in zip(maps, expect):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(inter[0], expect[1])
+    torch.testing.assert_close(inter[1], expect[3])
+    with torch.no_grad():
+        torch.testing.assert_close(out["pred_logits"], full(x)["pred_logits"])
+    two = timm.create_model("focus_detr_tiny", features_only=True, out_indices=(0, 2))
+    assert two.feature_info.reduction() == [8, 32] and len(two(x)) == 2
+    with pytest.raises(UnsupportedError, match="pruned"):
+        feats.model(x)
+
+
+def test_reset_classifier_re_heads_and_trains():
+    """A new label set of 3 classes: every class-logit layer (decoder layers and two-stage /
+    OESM scorer) and the denoising label embedding are rebuilt; the model trains with them."""
+    m = _tiny()
+    keep = {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("bbox_embed.", "fts."))}
+    m.reset_classifier(3)
+    assert m.num_classes == 3 and m.label_enc.weight.shape == (3, 64)
+    assert all(c.weight.shape == (3, 64) for c in m.class_embed) and len(m.class_embed) == 3
+    for k, v in keep.items():
+        assert torch.equal(m.state_dict()[k], v)
+    targets = [dict(labels=torch.tensor([0, 2]), boxes=torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])),
+               dict(labels=torch.tensor([1]), boxes=torch.tensor([[0.5, 0.5, 0.4, 0.4]]))]
+    m.train()
+    out = m(torch.randn(2, 3, 64, 64), targets=targets)
+    assert out["pred_logits"].shape[-1] == 3 and out["enc_outputs"]["pred_logits"].shape[-1] == 3
+    assert out["dn_outputs"]["pred_logits"].shape[-1] == 3
+    losses = m.create_criterion()(out, targets, [(64, 64)] * 2)
+    sum(losses.values()).backward()
+    for p in [*m.class_embed.parameters(), m.label_enc.weight]:
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    m.eval()
+    with torch.no_grad():
+        res = m.postprocess(m(torch.randn(1, 3, 64, 64)), [(64, 64)])
+    assert int(res[0]["labels"].max()) < 3
+    with pytest.raises(UnsupportedError, match="features_only"):
+        m.reset_classifier(0)
+    with pytest.raises(UnsupportedError, match="global pooling"):
+        m.reset_classifier(3, "avg")
+
+
+def test_data_config_and_torchscript():
+    """An image model: timm's data config gives a working image transform; TorchScript is not
+    supported and says what is."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    m = _tiny()
+    cfg = resolve_data_config({}, model=m)
+    assert cfg["input_size"] == (3, 128, 128) and cfg["interpolation"] == "bilinear"
+    x = create_transform(**cfg)(Image.new("RGB", (160, 120)))
+    assert tuple(x.shape) == (3, 128, 128)
+    with pytest.raises(UnsupportedError, match="torch.compile"):
+        torch.jit.script(m)
+
+
+def _compile_model():
+    torch.manual_seed(0)
+    return timm.create_model("focus_detr_tiny", enc_layers=1, dec_layers=1, cascade=(1.0,), num_queries=20,
+                             dn_number=4)
+
+
+def _float_leaves(out):
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    """fullgraph=True (0 graph breaks) in eval and in training with denoising targets; outputs and
+    parameter gradients equal eager's."""
+    m = _compile_model()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 64, 64)
+    m.eval()
+    with torch.no_grad():
+        for a, b in zip(_float_leaves(compiled(x)), _float_leaves(m(x))):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    m.train()
+    targets = [dict(labels=torch.tensor([1, 3]), boxes=torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])),
+               dict(labels=torch.tensor([2]), boxes=torch.tensor([[0.5, 0.5, 0.4, 0.4]]))]
+    grads = []
+    for fn in (m, compiled):
+        m.zero_grad()
+        torch.manual_seed(1)  # the same denoising noise
+        out = fn(x, targets=targets)
+        leaves = _float_leaves(out)
+        sum((t * torch.linspace(-1, 1, t.numel()).view(t.shape)).sum() for t in leaves).backward()
+        grads.append(({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, leaves))
+    (ge, oe), (gc, oc) = grads
+    for a, b in zip(oc, oe):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert ge.keys() == gc.keys() and len(ge) > 50
+    for k in ge:
+        torch.testing.assert_close(gc[k], ge[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_torch_export_matches_eager():
+    m = _compile_model().eval()
+    x = torch.randn(1, 3, 64, 64)
+    ep = torch.export.export(m, (x,))
+    with torch.no_grad():
+        for a, b in zip(_float_leaves(ep.module()(x)), _float_leaves(m(x))):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import timm
 
 import zoo  # noqa: F401
+from zoo.errors import UnsupportedError
 from zoo.layers.dit_blocks import CrossAttention, DiTBlock
 from zoo.models.partcrafter import (PackedParts, PartCrafterDiT, checkpoint_filter_fn, part_ids_for, resplit_rows,
                                     unresplit_rows)
@@ -439,3 +440,83 @@ def test_configs_load_and_build(name):
     depth = cfg.model.model_kwargs.depth
     assert model.model.global_block_ids == tuple(cfg.model.model_kwargs.global_block_ids)
     assert len(model.model.blocks) == depth
+
+
+# ------------------------------------------------------------------------------------------------
+# timm generic calls, torch.compile, torch.export
+# ------------------------------------------------------------------------------------------------
+def test_cfg_describes_inputs_and_generic_calls_raise_documented_error():
+    """No ImageNet fields or 1000 classes in the cfg; timm's image / classifier calls raise the
+    documented error naming what to use instead."""
+    from timm.data import resolve_data_config
+
+    cfg = timm.get_pretrained_cfg("partcrafter_dit_tiny").to_dict()
+    assert not {"input_size", "mean", "std", "interpolation", "crop_pct", "num_classes"} & set(cfg)
+    assert cfg["first_conv"] is None and cfg["classifier"] is None
+    assert any("example_inputs" in n for n in cfg["notes"])
+    m = timm.create_model("partcrafter_dit_tiny")
+    assert m.num_classes == 0
+    calls = dict(data_config=lambda: resolve_data_config({}, model=m), reset=lambda: m.reset_classifier(10),
+                 get=m.get_classifier, inter=lambda: m.forward_intermediates(torch.randn(2, 4, 8)),
+                 prune=lambda: m.prune_intermediate_layers(1),
+                 features=lambda: timm.create_model("partcrafter_dit_tiny", features_only=True),
+                 classes=lambda: timm.create_model("partcrafter_dit_tiny", num_classes=5),
+                 script=lambda: torch.jit.script(m))
+    for name, call in calls.items():
+        with pytest.raises(UnsupportedError, match="example_inputs|torch.compile|part_generation"):
+            call()
+
+
+def test_python_part_counts_equal_tensor_counts():
+    """num_parts as Python ints (static packing, what example_inputs gives) computes exactly what
+    the tensor form does, for per-object counts and for an int under both part-id rules."""
+    m = _zoo().eval()
+    counts = [2, 3, 1]
+    x, t, ctx = _inputs(counts)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, t, ctx, counts), m(x, t, ctx, torch.tensor(counts)), rtol=0, atol=0)
+        x2, t2, ctx2 = _inputs([2, 2])
+        assert part_ids_for(2, [2, 2]).tolist() == part_ids_for(2, torch.tensor([2, 2])).tolist() == [0, 1, 2, 3]
+        c2 = torch.tensor([2, 2])
+        assert part_ids_for([2, 2], [2, 2]).tolist() == part_ids_for(c2, c2).tolist() == [0, 1, 0, 1]
+        torch.testing.assert_close(m(x2, t2, ctx2, 2), m(x2, t2, ctx2, torch.tensor([2, 2]), part_ids=torch.arange(4)),
+                                   rtol=0, atol=0)
+        fixed = _zoo(part_id_mode="fixed")
+        fixed.load_state_dict(m.state_dict())
+        torch.testing.assert_close(fixed(x2, t2, ctx2, 2), fixed(x2, t2, ctx2, torch.tensor([2, 2])), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sum to the number of part rows"):
+        m(x, t, ctx, [2, 3])
+    ex = m.example_inputs(2, num_parts=3, tokens_per_part=4, context_tokens=5)
+    assert ex["num_parts"] == [3, 3] and m(**ex).shape == (6, 4, TINY["in_chans"])
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    """fullgraph=True (0 graph breaks) on example_inputs, eval and train with a backward: output and
+    parameter gradients equal eager's."""
+    m = _zoo()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    ex = m.example_inputs(2, num_parts=2, tokens_per_part=6, context_tokens=5)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**ex), m(**ex), rtol=1e-4, atol=1e-5)
+    m.train()
+    res = []
+    for fn in (m, compiled):
+        m.zero_grad()
+        out = fn(**ex)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        res.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (oe, ge), (oc, gc) = res
+    torch.testing.assert_close(oc, oe, rtol=1e-4, atol=1e-5)
+    assert ge.keys() == gc.keys() and len(ge) > 20
+    for k in ge:
+        torch.testing.assert_close(gc[k], ge[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_torch_export_matches_eager():
+    m = _zoo().eval()
+    ex = m.example_inputs(2, num_parts=2, tokens_per_part=6, context_tokens=5)
+    ep = torch.export.export(m, (), ex)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(**ex), m(**ex), rtol=1e-4, atol=1e-5)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import zoo  # noqa: F401
 import zoo.kernels as K
 from zoo import hub
+from zoo.errors import UnsupportedError
 from zoo.layers.joint_attention import (PointEmbed, TopologyBias, hop_bias_index, joint_hop_distance)
 from zoo.models.puppeteer import (BOS, EOS, PuppeteerSkeletonGPT, PuppeteerSkinNet, checkpoint_filter_fn,
                                   detokenize_skeleton, skeleton_input, tokenize_skeleton)
@@ -285,7 +286,7 @@ def test_skinning_gradients_and_checkpointing():
         model(points, skel, torch.randn(2, 9, 64), valid, parents=parents)
     with pytest.raises(ValueError, match="parents"):
         model(points, skel, shape, valid)
-    with pytest.raises(ValueError, match="not an image classifier"):
+    with pytest.raises(UnsupportedError, match="not an image classifier"):
         timm.create_model("puppeteer_skin_small", num_classes=10)
 
 
@@ -489,3 +490,73 @@ def test_rigging_dataset_metric_and_config():
     assert 0 <= res["precision"] <= 1 and res["token_parents_ok"] == 1.0 and res["token_err"] <= 1 / 128 + 1e-6
     cfg = Config.fromfile(osp.join(ROOT, "configs/puppeteer/puppeteer_skin_small_shapes.py"))
     assert timm.create_model(cfg.model.model_name, **cfg.model.model_kwargs) is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# timm generic calls, torch.compile, torch.export
+# ------------------------------------------------------------------------------------------------
+_SMALL_INPUTS = dict(puppeteer_skin_small=dict(num_points=32, num_joints=6, shape_tokens=16),
+                     puppeteer_skeleton_small=dict(num_tokens=9))
+
+
+@pytest.mark.parametrize("name", list(_SMALL_INPUTS))
+def test_cfg_and_generic_calls_raise_documented_error(name):
+    """No ImageNet fields in the cfg; timm's image / classifier calls raise the documented error
+    naming what to use instead (never ImageNet defaults or AttributeError)."""
+    from timm.data import resolve_data_config
+
+    cfg = timm.get_pretrained_cfg(name).to_dict()
+    assert not {"input_size", "mean", "std", "interpolation", "crop_pct", "num_classes"} & set(cfg)
+    m = timm.create_model(name)
+    calls = [lambda: resolve_data_config({}, model=m), lambda: m.reset_classifier(3), m.get_classifier,
+             lambda: m.forward_intermediates(torch.randn(1, 4, 6)), lambda: m.prune_intermediate_layers(1),
+             lambda: timm.create_model(name, features_only=True), lambda: torch.jit.script(m)]
+    for call in calls:
+        with pytest.raises(UnsupportedError, match="example_inputs|torch.compile|rigging"):
+            call()
+
+
+def test_traced_hop_distance_equals_eager():
+    """The hop-distance BFS has no data-dependent control flow left for a tracer: compiled with
+    fullgraph it gives eager's distances (padded joints included)."""
+    parents = torch.tensor([[-1, 0, 1, 1, 3, 0], [-1, 0, 0, 2, -1, -1]])
+    valid = torch.tensor([[True] * 6, [True, True, True, True, False, False]])
+    fn = torch.compile(joint_hop_distance, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(parents, valid, max_hops=9), joint_hop_distance(parents, valid, max_hops=9))
+    torch.testing.assert_close(joint_hop_distance(parents[0, :5]), torch.tensor(TREE5_DIST, dtype=torch.float32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_SMALL_INPUTS))
+def test_torch_compile_fullgraph_matches_eager(name):
+    """fullgraph=True (0 graph breaks) on example_inputs, eval and train with a backward: output and
+    parameter gradients equal eager's."""
+    torch.manual_seed(0)
+    m = timm.create_model(name)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    ex = m.example_inputs(2, **_SMALL_INPUTS[name])
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**ex), m(**ex), rtol=1e-4, atol=1e-5)
+    m.train()
+    res = []
+    for fn in (m, compiled):
+        m.zero_grad()
+        out = fn(**ex)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        res.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (oe, ge), (oc, gc) = res
+    torch.testing.assert_close(oc, oe, rtol=1e-4, atol=1e-5)
+    assert ge.keys() == gc.keys() and len(ge) > 10
+    for k in ge:
+        torch.testing.assert_close(gc[k], ge[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("name", list(_SMALL_INPUTS))
+def test_torch_export_matches_eager(name):
+    torch.manual_seed(0)
+    m = timm.create_model(name).eval()
+    ex = m.example_inputs(1, **_SMALL_INPUTS[name])
+    ep = torch.export.export(m, (), ex)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(**ex), m(**ex), rtol=1e-4, atol=1e-5)

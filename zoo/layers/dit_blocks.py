@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0 AND MIT
+# Derived from wgsxm/PartCrafter (MIT; Copyright (c) 2025 Yuchen Lin); see THIRD_PARTY_NOTICES.md
 """Pre-norm DiT blocks with U-ViT long skips and q/k RMSNorm, on packed (segment) token layouts.
 
 Written for PartCrafter (TripoSG / HunyuanDiT-style blocks). Tokens of a whole batch are packed
@@ -11,17 +13,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models._features_fx import register_notrace_function
 
 import zoo.kernels as _kernels
 
 __all__ = ["FP32LayerNorm", "RMSNormHead", "SelfAttention", "CrossAttention", "DiTBlock", "TimestepEmbedder",
            "timestep_sinusoid"]
-
-
-@register_notrace_function
-def _kernel_attention(q, k, v, layout=None):
-    return _kernels.attention(q, k, v, layout)
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -63,7 +59,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, layout=None) -> torch.Tensor:
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        o = _kernel_attention(self.q_norm(q), self.k_norm(k), v, layout)
+        o = _kernels.attention(self.q_norm(q), self.k_norm(k), v, layout)
         return self.proj(o.transpose(1, 2).reshape(B, L, C))
 
 
@@ -84,7 +80,7 @@ class CrossAttention(nn.Module):
         M = context.shape[1]
         q = self.q(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(context).view(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        o = _kernel_attention(self.q_norm(q), self.k_norm(k), v, layout)
+        o = _kernels.attention(self.q_norm(q), self.k_norm(k), v, layout)
         return self.proj(o.transpose(1, 2).reshape(B, L, C))
 
 

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
+# Derived from Seed3D/Puppeteer (Apache-2.0; Copyright (c) 2025 Bytedance Ltd. and/or its affiliates); see THIRD_PARTY_NOTICES.md
 """Building blocks of Puppeteer's skinning network: Fourier point embedding, bone-graph hop
 distances, the topology-aware joint attention bias (TAJA) and masked pre-norm attention.
 
@@ -15,7 +17,6 @@ import torch.nn as nn
 from timm.layers import GluMlp
 
 import zoo.kernels as _kernels
-from zoo.layers.mha import kernel_attention
 
 __all__ = ["PointEmbed", "joint_hop_distance", "hop_bias_index", "TopologyBias", "MaskedAttention",
            "PreNorm", "geglu_mlp", "key_padding_layout", "query_padding_layout", "HOP_CLIP"]
@@ -73,31 +74,24 @@ def joint_hop_distance(parents: torch.Tensor, valid: Optional[torch.Tensor] = No
     if valid.shape != parents.shape:
         raise ValueError(f"valid {tuple(valid.shape)} must match parents {tuple(parents.shape)}")
     parents = parents.long()
-    if bool(((parents >= N) | (parents < -1)).any()):
+    # value checks and the early exit need a host sync: eager only (shapes alone drive a traced graph)
+    eager = not torch.compiler.is_compiling()
+    if eager and bool(((parents >= N) | (parents < -1)).any()):
         raise ValueError(f"parent indices must be -1 (root) or in [0, {N}), got "
                          f"[{int(parents.min())}, {int(parents.max())}]")
-    has_bone = (parents >= 0) & valid
-    child = torch.nonzero(has_bone)  # (E, 2): batch, child index
-    adj = torch.zeros(B, N, N, dtype=torch.bool, device=dev)
-    if child.numel():
-        b, c = child[:, 0], child[:, 1]
-        p = parents[b, c]
-        ok = valid[b, p]
-        b, c, p = b[ok], c[ok], p[ok]
-        adj[b, c, p] = True
-        adj[b, p, c] = True
-    dist = torch.full((B, N, N), float("inf"), device=dev)
-    eye = torch.eye(N, dtype=torch.bool, device=dev).expand(B, N, N)
-    reached = eye.clone()
-    dist[reached] = 0.0
+    par = parents.clamp(0, N - 1)
+    bone = (parents >= 0) & valid & valid.gather(1, par)  # child and parent both valid
+    adj = torch.zeros(B, N, N, dtype=torch.bool, device=dev).scatter(2, par[..., None], bone[..., None])
+    adj_f = (adj | adj.transpose(1, 2)).float()
+    reached = torch.eye(N, dtype=torch.bool, device=dev).expand(B, N, N)
+    dist = torch.full((B, N, N), float("inf"), device=dev).masked_fill(reached, 0.0)
     frontier = reached
-    adj_f = adj.float()
     limit = N - 1 if max_hops is None else min(int(max_hops), N - 1)
     for hop in range(1, limit + 1):
         nxt = (torch.bmm(frontier.float(), adj_f) > 0) & ~reached
-        if not bool(nxt.any()):
+        if eager and not bool(nxt.any()):
             break
-        dist[nxt] = float(hop)
+        dist = dist.masked_fill(nxt, float(hop))
         reached = reached | nxt
         frontier = nxt
     return dist[0] if squeeze else dist
@@ -185,7 +179,7 @@ class MaskedAttention(nn.Module):
             layout = key_padding_layout(key_valid, Lq)
         elif query_valid is not None:
             layout = query_padding_layout(query_valid, Lk)
-        out = kernel_attention(q, k, v, layout, self.scale, bias)  # (B, H, Lq, D)
+        out = _kernels.attention(q, k, v, layout, scale=self.scale, bias=bias)  # (B, H, Lq, D)
         if query_valid is not None and uniform_padded_queries:
             fill = v.mean(dim=2, keepdim=True).expand_as(out)
             out = torch.where(query_valid[:, None, :, None], out, fill)

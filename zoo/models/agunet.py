@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0 AND BSD-2-Clause
+# Derived from dbouget/mri_brain_tumor_segmentation (BSD-2-Clause; Copyright (c) 2021, dbouget); see THIRD_PARTY_NOTICES.md
 """AGUNet and DAUNet / DAGUNet: 3-D attention U-Nets for brain-tumour (meningioma) MRI segmentation.
 
 Paper: `Meningioma segmentation in T1-weighted MRI leveraging global context and attention
@@ -35,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models._features import FeatureGetterNet, feature_take_indices
 
 from zoo import hub
+from zoo.errors import NoImageDataConfig, NotScriptable, UnsupportedError
 from zoo.kernels import attention
 
 __all__ = ['AttentionUNet3d', 'TFSameConvTranspose3d', 'AttentionGate3d', 'PositionAttention3d',
@@ -300,7 +303,7 @@ class DecoderBlock3d(nn.Module):
         return self.conv_block(F.relu(self.bn(torch.cat(parts, dim=1))))
 
 
-class AttentionUNet3d(nn.Module):
+class AttentionUNet3d(NotScriptable, nn.Module):
     """Bouget et al.'s 3-D U-Net family (see the module docstring for the flags).
 
     Args:
@@ -415,12 +418,16 @@ class AttentionUNet3d(nn.Module):
         return self.heads[0]
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        """New 1x1 heads for ``num_classes`` classes; 0 removes them (the model then returns the
+        decoder features, as a timm classifier returns pooled features)."""
         if global_pool:
-            raise ValueError(f"a segmenter has no global pooling; global_pool must be None or '', got {global_pool!r}")
-        if num_classes < 1:
-            raise ValueError(f"a segmenter needs num_classes >= 1, got {num_classes}")
+            raise UnsupportedError(f"reset_classifier(global_pool={global_pool!r}) asked of a per-voxel segmenter, "
+                                   "which has no global pooling; pass global_pool=None and pool the output yourself")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 removes the heads), got {num_classes}")
         self.num_classes = num_classes
-        self.heads = nn.ModuleList([nn.Conv3d(h.in_channels, num_classes, 1) for h in self.heads])
+        chs = [self.feature_info[i]['num_chs'] for i in range(len(self.heads))]
+        self.heads = nn.ModuleList([nn.Conv3d(c, num_classes, 1) if num_classes else nn.Identity() for c in chs])
 
     # -- forward -----------------------------------------------------------------------------------
     def _run(self, fn, *args):
@@ -586,12 +593,25 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: AttentionUN
     return out
 
 
+_DATA_PIPELINE = ("the 3-D volume pipeline of zoo.tasks.seg3d (preprocess_volume: isotropic resampling, "
+                  "intensity normalisation, resize to the cfg's input_size (C, D1, D2, D3); NiftiSegDataset)")
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs) -> AttentionUNet3d:
-    if kwargs.pop('features_only', False):
-        raise ValueError(f"{variant} is a segmenter: features_only is not supported; use "
-                         "forward_intermediates() for encoder features")
-    return hub.build_model(AttentionUNet3d, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                           feature_cfg=dict(flatten_sequential=False), **kwargs)
+    # timm's builder reads input_size as (C, H, W); the volume size (C, D1, D2, D3) goes back on
+    # the model's cfg after the build. features_only: every encoder level and the bottleneck.
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay)
+    model = hub.build_model(AttentionUNet3d, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                            pretrained_cfg_overlay=dict(overlay, input_size=None),
+                            feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(len(kwargs['filters'])))),
+                            **kwargs)
+    target = model.model if isinstance(model, FeatureGetterNet) else model
+    data_cfg = NoImageDataConfig(dict(target.pretrained_cfg, input_size=cfg.input_size), _DATA_PIPELINE)
+    target.pretrained_cfg = target.default_cfg = data_cfg
+    if target is not model:
+        model.pretrained_cfg = model.default_cfg = data_cfg
+    return model
 
 
 _NOTES = (
@@ -599,7 +619,8 @@ _NOTES = (
     "md5 8920cc50fee3505e958307fa11088c0d, via the repo's setup.py); convert with "
     "tools/convert_keras_agunet.py and load with pretrained_cfg_overlay=dict(file=...)",
     "filters and input size of the released models are not confirmed (resources/models/*/pre_processing.ini)",
-    "3-D segmenter: input (B, 1, D1, D2, D3); the volume size is test_input_size (timm's input_size is 2-D only)",
+    "3-D segmenter: input (B, 1, D1, D2, D3) of intensity-normalised MRI; input_size is (C, D1, D2, D3), "
+    "and timm's 2-D image data config does not apply (zoo.tasks.seg3d prepares volumes)",
 )
 
 
@@ -608,10 +629,10 @@ def _cfg(**kwargs):
         license='bsd-2-clause', paper_ids='arXiv:2101.07715',
         paper_name='Meningioma segmentation in T1-weighted MRI leveraging global context and attention mechanisms',
         origin_url='https://github.com/dbouget/mri_brain_tumor_segmentation',
-        # timm's input_size is (C, H, W) only (its builder asserts 3 entries), so it stays None; the
-        # volume size (C, D1, D2, D3) lives in test_input_size.
-        num_classes=2, input_size=None, test_input_size=(1, 128, 128, 144), fixed_input_size=False,
-        pool_size=None, crop_pct=1.0, interpolation='trilinear', mean=(0.,), std=(1.,),
+        # input_size is (C, D1, D2, D3); test_input_size repeats it for readers of the eval size.
+        # No 2-D image fields: volumes are resampled and intensity-normalised by zoo.tasks.seg3d.
+        num_classes=2, input_size=(1, 128, 128, 144), test_input_size=(1, 128, 128, 144), fixed_input_size=False,
+        pool_size=None, crop_pct=None, crop_mode=None, interpolation=None, mean=None, std=None,
         first_conv='stages.0.conv_block.0.conv', classifier=('heads.0', 'heads.1', 'heads.2', 'heads.3'),
         notes=_NOTES)
     base.update(kwargs)
@@ -622,9 +643,9 @@ default_cfgs = generate_default_cfgs({
     'agunet_3d': _cfg(),
     'daunet_3d': _cfg(),
     'dagunet_3d': _cfg(),
-    'agunet_3d_small': _cfg(test_input_size=(1, 32, 32, 32)),
-    'daunet_3d_small': _cfg(test_input_size=(1, 32, 32, 32)),
-    'dagunet_3d_small': _cfg(test_input_size=(1, 32, 32, 32)),
+    'agunet_3d_small': _cfg(input_size=(1, 32, 32, 32), test_input_size=(1, 32, 32, 32)),
+    'daunet_3d_small': _cfg(input_size=(1, 32, 32, 32), test_input_size=(1, 32, 32, 32)),
+    'dagunet_3d_small': _cfg(input_size=(1, 32, 32, 32), test_input_size=(1, 32, 32, 32)),
 })
 
 _BASE_FILTERS = (16, 32, 128, 256, 256)  # [unverified] the released models' pre_processing.ini is not public

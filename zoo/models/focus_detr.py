@@ -1,3 +1,6 @@
+# SPDX-License-Identifier: Apache-2.0 AND MIT
+# Derived from huawei-noah/noah-research (MIT; Copyright (C) 2023. Huawei Technologies Co., Ltd and McGill University); see THIRD_PARTY_NOTICES.md
+# Derived from IDEA-Research/detrex (Apache-2.0; Copyright 2022 - present, IDEA, Inc); see THIRD_PARTY_NOTICES.md
 """Focus-DETR: "Less is More: Focus Attention for Efficient DETR" (Zheng et al., ICCV 2023).
 
 A DINO detector whose encoder only updates foreground tokens. A Foreground Token Selector (FTS)
@@ -19,7 +22,7 @@ as a ``from_dense_mask`` layout); deformable attention in ``zoo.kernels.msda``.
 """
 import math
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -27,10 +30,11 @@ import torch.nn.functional as F
 import timm
 from timm.layers import freeze_batch_norm_2d
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features_fx import register_notrace_function
+from timm.models._features import feature_take_indices
 from torchvision.ops import sigmoid_focal_loss
 
 import zoo.kernels as _kernels
+from zoo.errors import NotScriptable, UnsupportedError
 from zoo.hub import build_model, cfg as hub_cfg
 from zoo.kernels.msda import MultiScaleDeformableAttention
 from zoo.layers.detr_blocks import (FFN, MLP, HungarianMatcher, PositionEmbeddingSine, box_cxcywh_to_xyxy,
@@ -39,11 +43,6 @@ from zoo.layers.detr_blocks import (FFN, MLP, HungarianMatcher, PositionEmbeddin
 
 __all__ = ["FocusDETR", "FocusDETRCriterion", "MaskPredictor", "ForegroundTokenSelector", "OESMAttention",
            "ChannelMapper", "cascade_token_counts", "select_foreground", "foreground_targets", "checkpoint_filter_fn"]
-
-
-@register_notrace_function
-def _kernel_attention(q, k, v, layout=None):
-    return _kernels.attention(q, k, v, layout)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,7 +161,7 @@ class KernelMHA(nn.Module):
         b_qk, b_v = self.in_proj_bias[:2 * C], self.in_proj_bias[2 * C:]
         q, k = F.linear(qk_in, w_qk, b_qk).view(B, L, 2, H, C // H).permute(2, 0, 3, 1, 4)
         v = F.linear(x, w_v, b_v).view(B, L, H, C // H).transpose(1, 2)
-        out = _kernel_attention(q, k, v, layout)
+        out = _kernels.attention(q, k, v, layout)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -240,24 +239,47 @@ class FocusDecoder(nn.Module):
         self.dim = dim
 
 
-def cascade_token_counts(valid_tokens: torch.Tensor, focus_rho: float, cascade: Sequence[float],
-                         num_tokens: int) -> Tuple[torch.Tensor, List[int]]:
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (ties to even), in plain Python: a product of two
+    float32 values is exact in a double, so ``_float32(_float32(a) * _float32(b))`` is float32's
+    product, and tracers see a constant."""
+    if x == 0:
+        return 0.0
+    m, e = math.frexp(x)
+    return math.ldexp(round(m * 16777216.0), e - 24)
+
+
+def cascade_token_counts(valid_tokens: Union[torch.Tensor, int], focus_rho: float, cascade: Sequence[float],
+                         num_tokens: int) -> Tuple[Union[torch.Tensor, int], List[int]]:
     """Per-image foreground budget ``int(rho * valid) + 1`` and per-layer kept counts
-    ``int(cascade[l] * max budget)`` (float32 product, as upstream), clamped to [1, num_tokens]."""
-    focus = (valid_tokens.float() * focus_rho).int() + 1
-    top = int(focus.max())
-    ks = [int(torch.tensor(c, dtype=torch.float32) * top) for c in cascade]
+    ``int(cascade[l] * max budget)`` (float32 products, as upstream), clamped to [1, num_tokens].
+
+    ``valid_tokens`` is a (B,) tensor, or an int when every image has that many valid tokens (no
+    padding): then the budget is an int too and nothing waits on the device."""
+    if isinstance(valid_tokens, torch.Tensor):
+        focus = (valid_tokens.float() * focus_rho).int() + 1
+        top = int(focus.max())
+    else:
+        focus = top = int(_float32(_float32(float(valid_tokens)) * _float32(focus_rho))) + 1
+    ks = [int(_float32(_float32(float(c)) * top)) for c in cascade]
     return focus, [max(1, min(k, num_tokens)) for k in ks]
 
 
-def select_foreground(fg_logits: torch.Tensor, padding_mask: torch.Tensor, focus_rho: float,
+def select_foreground(fg_logits: torch.Tensor, padding_mask: Optional[torch.Tensor], focus_rho: float,
                       cascade: Sequence[float]):
     """Rank tokens once by foreground logit (padding filled with the batch minimum, as upstream).
 
-    Returns (filled logits, order (B, k_0) best first, per-image budgets, per-layer counts); layer
-    l uses ``order[:, :k_l]``, so the subsets are nested."""
-    filled = fg_logits.masked_fill(padding_mask, float(fg_logits.detach().min()))
-    focus_nums, ks = cascade_token_counts((~padding_mask).sum(1), focus_rho, cascade, fg_logits.shape[1])
+    Returns (filled logits, order (B, k_0) best first, per-image budgets (B,), per-layer counts);
+    layer l uses ``order[:, :k_l]``, so the subsets are nested. ``padding_mask=None``: no padding,
+    every count is known from the shapes alone."""
+    B, N = fg_logits.shape
+    if padding_mask is None:
+        filled = fg_logits
+        focus, ks = cascade_token_counts(N, focus_rho, cascade, N)
+        focus_nums = torch.full((B,), focus, dtype=torch.int32, device=fg_logits.device)
+    else:
+        filled = fg_logits.masked_fill(padding_mask, fg_logits.detach().min())
+        focus_nums, ks = cascade_token_counts((~padding_mask).sum(1), focus_rho, cascade, N)
     order = filled.topk(ks[0], dim=1).indices
     return filled, order, focus_nums, ks
 
@@ -291,7 +313,12 @@ def foreground_targets(spatial_shapes: Sequence[Tuple[int, int]], strides: Seque
 # ------------------------------------------------------------------------------------------------
 # model
 # ------------------------------------------------------------------------------------------------
-class FocusDETR(nn.Module):
+# everything after the neck: what prune_intermediate_layers removes for features_only
+_DETECTOR_MODULES = ("level_embed", "enc_output", "enc_output_norm", "fts", "encoder", "decoder", "tgt_embed",
+                     "label_enc", "class_embed", "bbox_embed")
+
+
+class FocusDETR(NotScriptable, nn.Module):
     """Focus-DETR detector.
 
     ``forward(images, masks=None, targets=None)``: images (B, C, H, W) normalised; masks (B, H, W)
@@ -369,8 +396,10 @@ class FocusDETR(nn.Module):
         self._freeze_stages(backbone_freeze_at)
         self.strides = self.backbone_strides + tuple(
             self.backbone_strides[-1] * 2 ** (i + 1) for i in range(num_levels - len(chs)))
-        self.feature_info = [dict(num_chs=embed_dim, reduction=s, module=f"neck.{i}")
-                             for i, s in enumerate(self.strides)]
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=s,
+                 module=f"neck.convs.{i}" if i < len(chs) else f"neck.extra_convs.{i - len(chs)}")
+            for i, s in enumerate(self.strides)]
         self.neck = ChannelMapper(chs, embed_dim, num_levels, gn_groups)
         self.position_embedding = PositionEmbeddingSine(embed_dim // 2, pos_temperature, True, offset=pos_offset)
         self.level_embed = nn.Parameter(torch.empty(num_levels, embed_dim))
@@ -443,35 +472,93 @@ class FocusDETR(nn.Module):
         return self.class_embed
 
     def reset_classifier(self, num_classes: int, global_pool=None):
+        """Re-head the detector for a new label set of ``num_classes`` classes: fresh class-logit
+        layers for every decoder layer and for the two-stage proposals (the layer that also scores
+        the encoder's OESM tokens) and a fresh denoising label embedding. Box heads and the
+        class-agnostic foreground selector are kept. Build the loss again with
+        :meth:`create_criterion` afterwards."""
+        if global_pool not in (None, ""):
+            raise UnsupportedError(f"reset_classifier(global_pool={global_pool!r}) asked of a detector, which has no "
+                                   "global pooling; pass global_pool=None")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        if num_classes == 0:
+            raise UnsupportedError(
+                "reset_classifier(0) asked of a detector: Focus-DETR ranks encoder tokens and picks its decoder "
+                "queries by class logits, so it cannot run without classes; use features_only=True or "
+                "forward_intermediates() for class-free multi-scale features")
+        self._check_not_pruned("reset_classifier()")
+        ref = self.label_enc.weight
         self.num_classes = num_classes
-        dev = self.label_enc.weight.device
-        self.label_enc = nn.Embedding(num_classes, self.embed_dim, device=dev)
-        self.class_embed = nn.ModuleList(nn.Linear(self.embed_dim, num_classes, device=dev)
+        self.label_enc = nn.Embedding(num_classes, self.embed_dim, device=ref.device, dtype=ref.dtype)
+        self.class_embed = nn.ModuleList(nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
                                          for _ in self.class_embed)
         bias = -math.log((1 - 0.01) / 0.01)
         for c in self.class_embed:
             nn.init.constant_(c.bias, bias)
 
+    def _check_not_pruned(self, what: str):
+        if self.decoder is None:
+            raise UnsupportedError(f"{what} asked of a Focus-DETR pruned to its backbone and neck (features_only); "
+                                   "use forward_intermediates(intermediates_only=True) for the neck maps, or build "
+                                   "the full detector")
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        """Keep what ``forward_intermediates`` needs. Every neck level is computed together, so only
+        the detector after the neck (encoder, decoder, heads) can go (``prune_head``)."""
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        if prune_head:
+            for name in _DETECTOR_MODULES:
+                setattr(self, name, None)
+        return take
+
     # -- stages --------------------------------------------------------------------------------
-    def forward_features(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None):
-        """Backbone + neck -> list of (B, C, h, w) maps, their padding masks and position embeddings."""
+    def forward_neck(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """Backbone + neck: one (B, embed_dim, h, w) map per level (``feature_info``)."""
         if images.dim() != 4:
             raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+        feats = self.backbone(images)
+        if self._backbone_nhwc:
+            feats = [f.permute(0, 3, 1, 2) for f in feats]
+        return self.neck(feats)
+
+    def forward_intermediates(self, images: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, masks: Optional[torch.Tensor] = None):
+        """Neck maps at ``indices`` of ``feature_info`` (strides ``self.strides``) and, unless
+        ``intermediates_only``, the detector's output dict computed from the same maps."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        feats = self.forward_neck(images)
+        inter = [feats[i] for i in take]
+        if output_fmt == "NHWC":
+            inter = [f.permute(0, 2, 3, 1) for f in inter]
+        if intermediates_only:
+            return inter
+        self._check_not_pruned("forward_intermediates(intermediates_only=False)")
+        return self.forward_detector(feats, *self._masks_and_pos(images, feats, masks)), inter
+
+    def forward_features(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None):
+        """Backbone + neck -> list of (B, C, h, w) maps, their padding masks and position embeddings."""
+        feats = self.forward_neck(images)
+        return (feats,) + self._masks_and_pos(images, feats, masks)[:2]
+
+    def _masks_and_pos(self, images, feats, masks):
+        """Per-level padding masks, position embeddings and whether any padding was given."""
         B, _, H, W = images.shape
+        padded = masks is not None
         if masks is None:
             masks = torch.zeros(B, H, W, dtype=torch.bool, device=images.device)
         elif tuple(masks.shape) != (B, H, W):
             raise ValueError(f"masks must be (B, H, W) = {(B, H, W)} (True = padding), got {tuple(masks.shape)}")
-        feats = self.backbone(images)
-        if self._backbone_nhwc:
-            feats = [f.permute(0, 3, 1, 2) for f in feats]
-        feats = self.neck(feats)
         lvl_masks, pos = [], []
         for f in feats:
             m = F.interpolate(masks[None].float(), size=f.shape[-2:]).to(torch.bool)[0]
             lvl_masks.append(m)
             pos.append(self.position_embedding(m).to(f.dtype))
-        return feats, lvl_masks, pos
+        return lvl_masks, pos, padded
 
     @staticmethod
     def _valid_ratios(mask: torch.Tensor) -> torch.Tensor:
@@ -518,8 +605,17 @@ class FocusDETR(nn.Module):
 
     def forward(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None,
                 targets: Optional[Sequence[Dict[str, torch.Tensor]]] = None) -> Dict[str, Any]:
-        feats, lvl_masks, pos_embeds = self.forward_features(images, masks)
+        self._check_not_pruned("forward()")
+        feats = self.forward_neck(images)
+        return self.forward_detector(feats, *self._masks_and_pos(images, feats, masks), targets=targets)
+
+    def forward_detector(self, feats: List[torch.Tensor], lvl_masks: List[torch.Tensor],
+                         pos_embeds: List[torch.Tensor], padded: bool = True,
+                         targets: Optional[Sequence[Dict[str, torch.Tensor]]] = None) -> Dict[str, Any]:
+        """Encoder, two-stage proposals and decoder on the neck maps (see :meth:`forward`).
+        ``padded=False`` promises that ``lvl_masks`` are all False (counts then follow the shapes)."""
         B, C = feats[0].shape[:2]
+        device = feats[0].device
         shapes = [tuple(f.shape[-2:]) for f in feats]
         if len(shapes) != self.num_levels:
             raise ValueError(f"got {len(shapes)} feature levels, model built for {self.num_levels}")
@@ -528,18 +624,19 @@ class FocusDETR(nn.Module):
         pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1)
                               for i, p in enumerate(pos_embeds)], 1)
         N = feat_flat.shape[1]
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=images.device)
-        starts = [0]
+        # Python ints for the deformable attention: no device sync, traceable by compile / export
+        spatial_shapes = shapes
+        level_start_index = [0]
         for h, w in shapes[:-1]:
-            starts.append(starts[-1] + h * w)
-        level_start_index = torch.as_tensor(starts, dtype=torch.long, device=images.device)
+            level_start_index.append(level_start_index[-1] + h * w)
         valid_ratios = torch.stack([self._valid_ratios(m) for m in lvl_masks], 1)
-        ref_points = self._encoder_reference_points(shapes, valid_ratios, images.device)
+        ref_points = self._encoder_reference_points(shapes, valid_ratios, device)
 
         # foreground token selection (one score map, nested top-k subsets)
         fts_memory, _ = self._proposals(feat_flat + pos_flat, mask_flat, shapes)
         fg_logits = self.fts(fts_memory, shapes)
-        fg_for_topk, order, focus_nums, ks = select_foreground(fg_logits, mask_flat, self.focus_rho, self.cascade)
+        fg_for_topk, order, focus_nums, ks = select_foreground(fg_logits, mask_flat if padded else None, self.focus_rho,
+                                                             self.cascade)
 
         mcsp = self.class_embed[len(self.decoder.layers)]
         output = feat_flat
@@ -585,7 +682,7 @@ class FocusDETR(nn.Module):
             dn_label, dn_box, dn_meta = dn
             reference = torch.cat([dn_box.sigmoid(), reference], 1)
             tgt = torch.cat([dn_label.to(tgt.dtype), tgt], 1)
-            mask = cdn_attn_mask(dn_meta["pad_size"], dn_meta["group_size"], nq, device=images.device)
+            mask = cdn_attn_mask(dn_meta["pad_size"], dn_meta["group_size"], nq, device=device)
             layout = _kernels.from_dense_mask(mask[None, None])
 
         states, refs = self._decode(tgt, reference, memory, spatial_shapes, level_start_index, mask_flat,
@@ -802,14 +899,10 @@ def _drop_mismatched_classifier(state_dict, model):
 # cfgs and entry points
 # ------------------------------------------------------------------------------------------------
 _REL = "https://github.com/linxid/Focus-DETR-mindspore/releases/download/Focus-DETR/"
-_ZIP_NOTE = ("upstream ships a .zip archive: unzip it and load the .pth inside with "
-             "pretrained_cfg_overlay=dict(file=...)")
 
 
 def _cfg(url: str = "", **kwargs):
     notes = tuple(kwargs.pop("notes", ()))
-    if url.endswith(".zip"):
-        notes += (_ZIP_NOTE,)
     base = dict(
         license="apache-2.0", paper_ids="arXiv:2307.12612",
         paper_name="Less is More: Focus Attention for Efficient DETR",
@@ -846,8 +939,10 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> FocusDETR:
+    # features_only: the neck maps through forward_intermediates, every level by default
+    levels = tuple(range(kwargs.get("num_levels", 4)))
     return build_model(FocusDETR, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                       feature_cfg=None, **kwargs)
+                       feature_cfg=dict(feature_cls="getter", out_indices=levels), **kwargs)
 
 
 def _swin_kwargs(name: str, img_size: int) -> Dict[str, Any]:

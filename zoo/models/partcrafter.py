@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0 AND MIT
+# Derived from wgsxm/PartCrafter (MIT; Copyright (c) 2025 Yuchen Lin); see THIRD_PARTY_NOTICES.md
 """PartCrafter: "Structured 3D Mesh Generation via Compositional Latent Diffusion Transformers"
 (Lin et al., NeurIPS 2025, arXiv 2506.05573) — the part-wise latent DiT.
 
@@ -26,6 +28,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features_fx import register_notrace_function
 
 import zoo.kernels as _kernels
+from zoo.errors import NoClassifierApi, NoImageDataConfig, NotScriptable, UnsupportedError
 from zoo.hub import build_model, cfg as hub_cfg
 from zoo.layers.dit_blocks import DiTBlock, TimestepEmbedder
 
@@ -43,21 +46,35 @@ class PackedParts:
 
     ``local_layout`` lets each part attend itself, ``global_layout`` each object's parts attend
     each other; ``cross_layout(M)`` maps every token to the M condition tokens of its object.
+    ``counts`` (parts per object) is a 1-D integer tensor, or a sequence of Python ints: then every
+    index is built from Python values, nothing waits on the device, and torch.compile / export
+    trace the model without a graph break.
     """
 
-    def __init__(self, counts: torch.Tensor, tokens_per_part: int):
-        self.counts = counts
-        self.num_objects = int(counts.numel())
-        self.num_parts = int(counts.sum())
+    def __init__(self, counts: Union[torch.Tensor, Sequence[int]], tokens_per_part: int, device=None):
         self.S = tokens_per_part
-        dev = counts.device
-        self.part_object = torch.repeat_interleave(torch.arange(self.num_objects, device=dev), counts)  # (N,)
-        self.first_part = torch.cumsum(counts, 0) - counts  # (B,) index of each object's first part
-        self.local_layout = _kernels.varlen(torch.arange(self.num_parts + 1, device=dev) * self.S)
-        self.global_layout = _kernels.varlen(torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]) * self.S)
+        if isinstance(counts, torch.Tensor):
+            dev = counts.device
+            self.num_objects = int(counts.numel())
+            self.num_parts = int(counts.sum())
+            self.part_object = torch.repeat_interleave(torch.arange(self.num_objects, device=dev), counts)  # (N,)
+            self.first_part = torch.cumsum(counts, 0) - counts  # (B,) index of each object's first part
+        else:
+            counts = [int(c) for c in counts]
+            dev = device
+            self.num_objects, self.num_parts = len(counts), sum(counts)
+            starts = [sum(counts[:b]) for b in range(len(counts))]
+            self.part_object = torch.tensor([b for b, n in enumerate(counts) for _ in range(n)], dtype=torch.long,
+                                            device=dev)
+            self.first_part = torch.tensor(starts, dtype=torch.long, device=dev)
+            counts = torch.tensor(counts, dtype=torch.long, device=dev)
+        self.counts = counts
+        self.device = dev
+        self.local_layout = _kernels.segments(self.token_ids("part"))
+        self.global_layout = _kernels.segments(self.token_ids("object"))
 
     def token_ids(self, per: str) -> torch.Tensor:
-        part = torch.arange(self.num_parts, device=self.counts.device)
+        part = torch.arange(self.num_parts, device=self.device)
         ids = part if per == "part" else self.part_object
         return ids.repeat_interleave(self.S)[None]
 
@@ -65,31 +82,42 @@ class PackedParts:
         """Segment layout from the packed queries to packed condition tokens, one set of ``num_ctx``
         per object (``per='object'``) or per part (``per='part'``)."""
         groups = self.num_objects if per == "object" else self.num_parts
-        kv = torch.arange(groups, device=self.counts.device).repeat_interleave(num_ctx)[None]
+        kv = torch.arange(groups, device=self.device).repeat_interleave(num_ctx)[None]
         return _kernels.segments(self.token_ids(per), kv)
 
 
-def _counts_from(num_parts, N: int, device) -> torch.Tensor:
+_NUM_PARTS_HELP = ("num_parts must be None (every row its own object), an int (every object has that many parts), "
+                   "a sequence of Python ints or a 1-D integer tensor (parts per object)")
+
+
+def _counts_from(num_parts, N: int, device) -> Union[torch.Tensor, List[int]]:
+    """Parts per object: a list of Python ints unless ``num_parts`` is a tensor."""
     if num_parts is None:
-        return torch.ones(N, dtype=torch.long, device=device)
+        return [1] * N
     if isinstance(num_parts, bool):
-        raise ValueError("num_parts must be an int or a 1-D integer tensor of parts per object")
+        raise ValueError(f"{_NUM_PARTS_HELP}, got a bool")
     if isinstance(num_parts, int):
         if num_parts < 1 or N % num_parts:
             raise ValueError(f"num_parts={num_parts} (int: every object has that many parts) must divide the "
                              f"number of part rows N={N}")
-        return torch.full((N // num_parts,), num_parts, dtype=torch.long, device=device)
+        return [num_parts] * (N // num_parts)
+    if isinstance(num_parts, (list, tuple)):
+        if not num_parts or not all(isinstance(c, int) and not isinstance(c, bool) for c in num_parts):
+            raise ValueError(f"{_NUM_PARTS_HELP}, got {num_parts!r}")
+        if min(num_parts) < 1 or sum(num_parts) != N:
+            raise ValueError(f"num_parts {list(num_parts)} must be >= 1 each and sum to the number of part rows N={N}")
+        return list(num_parts)
     if not isinstance(num_parts, torch.Tensor) or num_parts.dim() != 1 or num_parts.dtype.is_floating_point:
-        raise ValueError("num_parts must be an int or a 1-D integer tensor (parts per object), got "
-                         f"{type(num_parts).__name__}")
+        raise ValueError(f"{_NUM_PARTS_HELP}, got {type(num_parts).__name__}")
     counts = num_parts.to(device=device, dtype=torch.long)
     if bool((counts < 1).any()) or int(counts.sum()) != N:
         raise ValueError(f"num_parts {counts.tolist()} must be >= 1 each and sum to the number of part rows N={N}")
     return counts
 
 
-def part_ids_for(num_parts, counts: torch.Tensor, mode: str = "reference") -> torch.Tensor:
-    """Part-ID embedding index of every part row.
+def part_ids_for(num_parts, counts: Union[torch.Tensor, Sequence[int]], mode: str = "reference",
+                 device=None) -> torch.Tensor:
+    """Part-ID embedding index of every part row (``counts``: parts per object, tensor or ints).
 
     Per-object ``arange(n_i)``, except for an *int* ``num_parts`` in ``"reference"`` mode: then
     upstream's inference rule, ``arange(N)`` over all rows, so under classifier-free guidance (rows
@@ -97,15 +125,29 @@ def part_ids_for(num_parts, counts: torch.Tensor, mode: str = "reference") -> to
     """
     if mode not in PART_ID_MODES:
         raise ValueError(f"part_id_mode must be one of {PART_ID_MODES}, got {mode!r}")
+    reference_int = mode == "reference" and isinstance(num_parts, int) and not isinstance(num_parts, bool)
+    if not isinstance(counts, torch.Tensor):
+        counts = [int(c) for c in counts]
+        ids = list(range(sum(counts))) if reference_int else [i for n in counts for i in range(n)]
+        return torch.tensor(ids, dtype=torch.long, device=device)
     N = int(counts.sum())
-    if mode == "reference" and isinstance(num_parts, int) and not isinstance(num_parts, bool):
+    if reference_int:
         return torch.arange(N, device=counts.device)
     start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     return torch.arange(N, device=counts.device) - start
 
 
 def pack_parts(num_parts, N: int, tokens_per_part: int, device=None) -> PackedParts:
-    return PackedParts(_counts_from(num_parts, N, device), tokens_per_part)
+    return PackedParts(_counts_from(num_parts, N, device), tokens_per_part, device)
+
+
+def _max_part_id(num_parts, counts, mode: str) -> int:
+    """Largest id :func:`part_ids_for` gives, from Python values where ``counts`` are ints."""
+    if isinstance(counts, torch.Tensor):
+        return int(part_ids_for(num_parts, counts, mode).max())
+    if mode == "reference" and isinstance(num_parts, int) and not isinstance(num_parts, bool):
+        return sum(counts) - 1
+    return max(counts) - 1
 
 
 @register_notrace_function
@@ -116,7 +158,7 @@ def _grad_ckpt(block, *args):
 # ------------------------------------------------------------------------------------------------
 # model
 # ------------------------------------------------------------------------------------------------
-class PartCrafterDiT(nn.Module):
+class PartCrafterDiT(NoClassifierApi, NotScriptable, nn.Module):
     """Part-wise latent DiT: ``forward(x, timestep, context, num_parts) -> velocity``.
 
     Args:
@@ -130,6 +172,7 @@ class PartCrafterDiT(nn.Module):
         enable_local_cross_attn / enable_global_cross_attn: False feeds zero condition tokens to
             that kind of block (upstream's switches).
     """
+    _supported_calls = "forward(**model.example_inputs()) (velocity of packed part latents)"
 
     def __init__(self, in_chans: int = 64, embed_dim: int = 2048, depth: int = 21, num_heads: int = 16,
                  context_dim: int = 1024, max_num_parts: int = 32, mlp_ratio: float = 4.0,
@@ -137,14 +180,18 @@ class PartCrafterDiT(nn.Module):
                  use_part_embedding: bool = True, enable_local_cross_attn: bool = True,
                  enable_global_cross_attn: bool = True, qk_norm: bool = True, **kwargs):
         super().__init__()
-        # timm's builder fills classifier defaults from the cfg; a velocity model has no classifier
-        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "num_classes", "global_pool"):
+        for k in ("pretrained_cfg", "pretrained_cfg_overlay"):
             kwargs.pop(k, None)
+        for k in ("num_classes", "global_pool"):  # classifier arguments: only their "none" values
+            if kwargs.pop(k, None) not in (None, 0, ""):
+                raise UnsupportedError(f"PartCrafterDiT({k}=...): a velocity model has no classifier; build it "
+                                       "without it and call forward(**model.example_inputs())")
         if kwargs:
             raise TypeError(f"PartCrafterDiT got unexpected arguments {sorted(kwargs)}")
         if part_id_mode not in PART_ID_MODES:
             raise ValueError(f"part_id_mode must be one of {PART_ID_MODES}, got {part_id_mode!r}")
         self.in_chans = self.out_chans = in_chans
+        self.num_classes = 0  # a velocity model: no classifier
         self.embed_dim = self.num_features = embed_dim
         self.depth, self.num_heads, self.context_dim = depth, num_heads, context_dim
         self.max_num_parts = max_num_parts
@@ -200,8 +247,9 @@ class PartCrafterDiT(nn.Module):
                        tokens_per_part: int = 1024, context_tokens: int = 257) -> Dict[str, torch.Tensor]:
         """Random ``forward`` keyword inputs for ``batch_size`` objects of ``num_parts`` parts each
         (benchmarks, export). Defaults are upstream's inference sizes: 1024 latent tokens per part
-        and 257 DINOv2 image tokens. ``num_parts`` goes in as a per-object tensor, so part ids are
-        ``arange(num_parts)`` per object (the training rule) whatever the batch size."""
+        and 257 DINOv2 image tokens. ``num_parts`` goes in as a per-object list of ints, so part ids
+        are ``arange(num_parts)`` per object (the training rule) whatever the batch size, and the
+        packing is known from Python values (torch.compile / export need no graph break)."""
         for k, v in (("batch_size", batch_size), ("num_parts", num_parts), ("tokens_per_part", tokens_per_part),
                      ("context_tokens", context_tokens)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -213,7 +261,7 @@ class PartCrafterDiT(nn.Module):
         return dict(x=torch.randn(N, tokens_per_part, self.in_chans, device=device, dtype=dtype),
                     timestep=torch.rand(batch_size, device=device, dtype=dtype) * 1000,
                     context=torch.randn(batch_size, context_tokens, self.context_dim, device=device, dtype=dtype),
-                    num_parts=torch.full((batch_size,), num_parts, dtype=torch.long, device=device))
+                    num_parts=[num_parts] * batch_size)
 
     # forward --------------------------------------------------------------------------------------
     def _contexts(self, context: torch.Tensor, packed: PackedParts):
@@ -244,8 +292,9 @@ class PartCrafterDiT(nn.Module):
             x: ``(N, T, in_chans)`` noisy latents, parts of all objects stacked object by object.
             timestep: scalar, ``(N,)`` per part, or ``(B,)`` per object (repeated over its parts).
             context: ``(B, M, context_dim)`` per object or ``(N, M, context_dim)`` per part.
-            num_parts: ``(B,)`` int tensor of parts per object, an int (all objects alike), or
-                None (every row its own object).
+            num_parts: parts per object as a sequence of ints or a ``(B,)`` int tensor, an int (all
+                objects alike), or None (every row its own object). Python ints keep the packing
+                off the device (no host sync; torch.compile / export trace it); a tensor is read once.
             part_ids: optional explicit ``(N,)`` part-ID indices (overrides ``part_id_mode``).
         Returns:
             ``(N, T, in_chans)`` prediction (the rectified-flow target ``x0 - noise``).
@@ -254,7 +303,7 @@ class PartCrafterDiT(nn.Module):
             raise ValueError(f"x must be (parts, tokens, {self.in_chans}), got {tuple(x.shape)}")
         N, T, _ = x.shape
         counts = _counts_from(num_parts, N, x.device)
-        packed = PackedParts(counts, T + 1)
+        packed = PackedParts(counts, T + 1, x.device)
         B = packed.num_objects
 
         t = torch.as_tensor(timestep, device=x.device)
@@ -263,17 +312,22 @@ class PartCrafterDiT(nn.Module):
         elif t.shape == (N,):
             pass
         elif t.shape == (B,):
-            t = t.repeat_interleave(counts)
+            t = t[packed.part_object]
         else:
             raise ValueError(f"timestep must be a scalar, (N={N},) or (B={B},), got {tuple(t.shape)}")
 
         h = torch.cat([self.time_embed(t, x.dtype)[:, None], self.proj_in(x)], dim=1)  # (N, T+1, D)
         if self.part_embedding is not None:
-            ids = part_ids if part_ids is not None else part_ids_for(num_parts, counts, self.part_id_mode)
+            if part_ids is not None:
+                ids = part_ids
+                top = None if torch.compiler.is_compiling() else int(ids.max())  # bounds-checked by the lookup
+            else:
+                ids = part_ids_for(num_parts, counts, self.part_id_mode, device=x.device)
+                top = _max_part_id(num_parts, counts, self.part_id_mode)
             if ids.shape != (N,):
                 raise ValueError(f"part_ids must be ({N},), got {tuple(ids.shape)}")
-            if int(ids.max()) >= self.max_num_parts:
-                raise ValueError(f"part ids up to {int(ids.max())} exceed max_num_parts={self.max_num_parts}: use "
+            if top is not None and top >= self.max_num_parts:
+                raise ValueError(f"part ids up to {top} exceed max_num_parts={self.max_num_parts}: use "
                                  f"fewer parts per call (in part_id_mode='reference' an int num_parts gives ids "
                                  f"0..N-1 over all rows) or part_id_mode='fixed'")
             h = h + self.part_embedding(ids.to(x.device))[:, None]
@@ -381,28 +435,48 @@ _LICENSE = ("other: Tencent Hunyuan Community License (transformer lineage; excl
             "PartCrafter repo code MIT")
 
 
+_INPUTS_NOTE = ("not an image model: inputs are x (N parts, T tokens, in_chans) TripoSG-VAE latents, a timestep, "
+                "context (objects or parts, M, context_dim) DINOv2 image tokens and num_parts; "
+                "model.example_inputs() builds them")
+_DATA_NOTE = ("the part-generation pipeline (zoo.tasks.part_generation: TripoSG-VAE latents and DINOv2 image tokens "
+              "computed outside this model) or model.example_inputs()")
+
+
 def _cfg(url: str = "", **kwargs):
+    # no image fields (input_size, mean/std, interpolation, crop) and no classifier: timm's
+    # defaults would describe an ImageNet classifier
     base = dict(license=_LICENSE, paper_ids="arXiv:2506.05573",
                 paper_name="PartCrafter: Structured 3D Mesh Generation via Compositional Latent Diffusion Transformers",
-                origin_url="https://github.com/wgsxm/PartCrafter", first_conv="proj_in", classifier="proj_out")
+                origin_url="https://github.com/wgsxm/PartCrafter", num_classes=None, input_size=None,
+                interpolation=None, crop_pct=None, crop_mode=None, mean=None, std=None, pool_size=None,
+                first_conv=None, classifier=None)
     base.update(kwargs)
+    base["notes"] = (_INPUTS_NOTE,) + tuple(base.get("notes") or ())
     return hub_cfg(url=url, sha256=None, **base) if url else hub_cfg(**base)
 
 
-_HF = "https://huggingface.co/wgsxm/{}/resolve/main/transformer/diffusion_pytorch_model.safetensors"
+_HF_FILE = "transformer/diffusion_pytorch_model.safetensors"
 _HF_NOTE = ("HF diffusers pipeline folder; these are the transformer/ weights (file name is the diffusers "
             "default, not verified offline)",)
 default_cfgs = generate_default_cfgs({
-    "partcrafter_dit.object": _cfg(_HF.format("PartCrafter"), notes=_HF_NOTE),
-    "partcrafter_dit.scene": _cfg(_HF.format("PartCrafter-Scene"), notes=_HF_NOTE),
+    "partcrafter_dit.object": _cfg(hf_hub_id="wgsxm/PartCrafter", hf_hub_filename=_HF_FILE, notes=_HF_NOTE),
+    "partcrafter_dit.scene": _cfg(hf_hub_id="wgsxm/PartCrafter-Scene", hf_hub_filename=_HF_FILE, notes=_HF_NOTE),
     "partcrafter_dit_small.untrained": _cfg(),
     "partcrafter_dit_tiny.untrained": _cfg(),
 })
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> PartCrafterDiT:
-    return build_model(PartCrafterDiT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                       feature_cfg=None, **kwargs)
+    for k in ("features_only", "num_classes", "global_pool", "out_indices"):
+        if kwargs.get(k) not in (None, False):
+            raise UnsupportedError(f"create_model({variant!r}, {k}={kwargs[k]!r}) asked of a part-latent DiT, which "
+                                   f"has no classifier or image features; build it without {k} and call "
+                                   f"forward(**model.example_inputs())")
+        kwargs.pop(k, None)
+    model = build_model(PartCrafterDiT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                        feature_cfg=None, **kwargs)
+    model.pretrained_cfg = model.default_cfg = NoImageDataConfig(model.pretrained_cfg, _DATA_NOTE)
+    return model
 
 
 @register_model

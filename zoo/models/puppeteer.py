@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
+# Derived from Seed3D/Puppeteer (Apache-2.0; Copyright (c) 2025 Bytedance Ltd. and/or its affiliates); see THIRD_PARTY_NOTICES.md
 """Puppeteer: "Rig and Animate Your 3D Models" (Song et al., NeurIPS 2025, arXiv 2508.10898).
 
 Two attention networks of the rigging pipeline, on ``zoo.kernels.attention``:
@@ -15,7 +17,7 @@ Two attention networks of the rigging pipeline, on ``zoo.kernels.attention``:
 The shape encoder (Michelangelo) and the PartField point features are out of scope: the models
 take their outputs as input tensors (``shape`` tokens and ``point_feats``). The small variants
 instead embed raw shape points with their own Fourier embedding (``shape_in_chans=6``).
-Training code is not public upstream; see zoo/engine/rigging.py for the loss used here.
+Training code is not public upstream; see zoo/tasks/rigging.py for the loss used here.
 """
 import re
 from typing import Dict, List, Optional, Tuple
@@ -27,6 +29,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint as _checkpoint
 
 import zoo.kernels as _kernels
+from zoo.errors import NoClassifierApi, NoImageDataConfig, NotScriptable, UnsupportedError
 from zoo.hub import build_model, cfg as hub_cfg
 from zoo.layers.joint_attention import (HOP_CLIP, MaskedAttention, PointEmbed, PreNorm, TopologyBias, geglu_mlp,
                                         hop_bias_index, joint_hop_distance)
@@ -88,7 +91,7 @@ class SkinningBlock(nn.Module):
         return p, j
 
 
-class PuppeteerSkinNet(nn.Module):
+class PuppeteerSkinNet(NoClassifierApi, NotScriptable, nn.Module):
     """Puppeteer skinning network (upstream ``SkinningNetStacked`` without its frozen encoders).
 
     Args:
@@ -102,6 +105,8 @@ class PuppeteerSkinNet(nn.Module):
             the uniform average of V and the final softmax runs over every joint column, padded ones
             included. False: padded rows give 0 and padded columns get weight 0.
     """
+    _supported_calls = ("forward(**model.example_inputs()) (skinning weights) or forward_features() (point and "
+                        "joint tokens)")
 
     def __init__(self, dim: int = 768, depth: int = 1, heads: int = 8, dim_head: int = 64, ff_mult: int = 4,
                  part_dim: int = 448, shape_in_chans: Optional[int] = None, use_taja: bool = True,
@@ -317,7 +322,7 @@ class SkeletonDecoder(nn.Module):
         self.layers = nn.ModuleList(OPTDecoderLayer(dim, num_heads, ffn_dim, dropout) for _ in range(depth))
 
 
-class PuppeteerSkeletonGPT(nn.Module):
+class PuppeteerSkeletonGPT(NoClassifierApi, NotScriptable, nn.Module):
     """Puppeteer's auto-regressive skeleton generator with joint tokens.
 
     Sequence: ``cond_len`` condition tokens (shape-encoder head token -> ``cond_head_proj``, the
@@ -332,6 +337,7 @@ class PuppeteerSkeletonGPT(nn.Module):
         max_joints: 101. cond_len / cond_dim: 257 / 768 (Michelangelo). dropout: OPT's 0.1 in training.
         tie_word_embeddings: ``lm_head`` shares ``embed_tokens``' weight (HF OPT default).
     """
+    _supported_calls = "forward(**model.example_inputs()) (token logits), prefill() / step() or generate()"
 
     def __init__(self, dim: int = 1024, depth: int = 24, num_heads: int = 16, ffn_dim: int = 4096, n_bins: int = 128,
                  max_joints: int = 101, cond_len: int = 257, cond_dim: int = 768, dropout: float = 0.1,
@@ -408,7 +414,9 @@ class PuppeteerSkeletonGPT(nn.Module):
 
     def embed_generated(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Generated tokens ``ids`` (B, T) at stream indices start .. start + T - 1 (bos at 0)."""
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+        # a value check needs a host sync; compiled / exported graphs rely on the embedding lookup's bounds check
+        if ids.numel() and not torch.compiler.is_compiling() and \
+                (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
         T = ids.shape[1]
         t = torch.arange(start, start + T, device=ids.device)
@@ -589,8 +597,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[nn
 # ------------------------------------------------------------------------------------------------
 # cfgs and entry points
 # ------------------------------------------------------------------------------------------------
-_HF = "https://huggingface.co/Seed3D/Puppeteer/resolve/main/"
-_NOTES = ("not an image model: inputs are point clouds / skeletons / shape-encoder tokens (see the model docstring)",
+_HF = "Seed3D/Puppeteer"  # Hugging Face Hub repo
+_NOTES = ("not an image model: the skinning net takes points (B, Np, 6), joints (B, Nj, 6), shape tokens and the "
+          "joint tree; the skeleton GPT takes shape-encoder tokens (B, cond_len, cond_dim) and joint token ids; "
+          "model.example_inputs() builds them",
           "the Michelangelo shape encoder and PartField features are not included; checkpoint keys "
           "point_encoder.* and point_embed.* are dropped by checkpoint_filter_fn")
 
@@ -599,8 +609,8 @@ def _cfg(url: str = "", **kwargs):
     base = dict(license="apache-2.0", paper_ids="arXiv:2508.10898",
                 paper_name="Puppeteer: Rig and Animate Your 3D Models",
                 origin_url="https://github.com/Seed3D/Puppeteer",
-                num_classes=None, input_size=None, pool_size=None, crop_pct=1.0, interpolation="",
-                mean=(), std=(), first_conv=None, classifier=None, notes=_NOTES)
+                num_classes=None, input_size=None, pool_size=None, crop_pct=None, crop_mode=None, interpolation=None,
+                mean=None, std=None, first_conv=None, classifier=None, notes=_NOTES)
     base.update(kwargs)
     if url:
         return hub_cfg(url=url, sha256=None, **base)
@@ -608,25 +618,36 @@ def _cfg(url: str = "", **kwargs):
 
 
 default_cfgs = generate_default_cfgs({
-    "puppeteer_skin_d1.w_diverse_pose": _cfg(_HF + "skinning_ckpts/puppeteer_skin_w_diverse_pose_depth1.pth"),
-    "puppeteer_skin_d1.wo_diverse_pose": _cfg(_HF + "skinning_ckpts/puppeteer_skin_wo_diverse_pose_depth1.pth"),
-    "puppeteer_skin_d2.w_diverse_pose": _cfg(_HF + "skinning_ckpts/puppeteer_skin_w_diverse_pose_depth2.pth"),
+    "puppeteer_skin_d1.w_diverse_pose": _cfg(
+        hf_hub_id=_HF, hf_hub_filename="skinning_ckpts/puppeteer_skin_w_diverse_pose_depth1.pth"),
+    "puppeteer_skin_d1.wo_diverse_pose": _cfg(
+        hf_hub_id=_HF, hf_hub_filename="skinning_ckpts/puppeteer_skin_wo_diverse_pose_depth1.pth"),
+    "puppeteer_skin_d2.w_diverse_pose": _cfg(
+        hf_hub_id=_HF, hf_hub_filename="skinning_ckpts/puppeteer_skin_w_diverse_pose_depth2.pth"),
     "puppeteer_skin_small.untrained": _cfg(),
     "puppeteer_skeleton_opt350m.w_diverse_pose": _cfg(
-        _HF + "skeleton_ckpts/puppeteer_skeleton_w_diverse_pose.pth"),
+        hf_hub_id=_HF, hf_hub_filename="skeleton_ckpts/puppeteer_skeleton_w_diverse_pose.pth"),
     "puppeteer_skeleton_opt350m.wo_diverse_pose": _cfg(
-        _HF + "skeleton_ckpts/puppeteer_skeleton_wo_diverse_pose.pth"),
+        hf_hub_id=_HF, hf_hub_filename="skeleton_ckpts/puppeteer_skeleton_wo_diverse_pose.pth"),
     "puppeteer_skeleton_small.untrained": _cfg(),
 })
 
 
+_DATA_PIPELINE = ("the rigging pipeline (zoo.tasks.rigging: point, joint and shape tensors from meshes) or "
+                  "model.example_inputs()")
+
+
 def _create(cls, variant: str, pretrained: bool = False, **kwargs):
-    for k in ("features_only", "num_classes", "in_chans", "global_pool"):
+    for k in ("features_only", "num_classes", "in_chans", "global_pool", "out_indices"):
         if kwargs.get(k) not in (None, False):
-            raise ValueError(f"{variant} is not an image classifier: {k}={kwargs[k]!r} is not supported")
+            raise UnsupportedError(f"create_model({variant!r}, {k}={kwargs[k]!r}): {variant} is not an image "
+                                   f"classifier or backbone; build it without {k} and call "
+                                   f"forward(**model.example_inputs())")
         kwargs.pop(k, None)
-    return build_model(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=None,
-                       **kwargs)
+    model = build_model(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=None,
+                        **kwargs)
+    model.pretrained_cfg = model.default_cfg = NoImageDataConfig(model.pretrained_cfg, _DATA_PIPELINE)
+    return model
 
 
 @register_model
