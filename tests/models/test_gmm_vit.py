@@ -373,14 +373,6 @@ def test_configs_build():
     assert recipe.model.label_smoothing == 0.1 and recipe.model.model_kwargs.drop_path_rate == 0.1
 
 
-def test_missing_dataset_is_a_clear_error(tmp_path):
-    from zoo.engine.datasets import Cifar100Dataset, TinyImageNetDataset
-    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
-        Cifar100Dataset(data_root=str(tmp_path), split="train")
-    with pytest.raises(FileNotFoundError, match="tiny-imagenet"):
-        TinyImageNetDataset(data_root=str(tmp_path), split="val")
-
-
 def test_model_card_has_measured_digits_comparison():
     text = open(os.path.join(ROOT, "model_cards", "gmm_vit.md")).read()
     for host in ("vit_tiny_p4_32", "swin_tiny_p2_32", "cait_tiny_p4_32", "pit_tiny_p2_32", "t2t_vit_32"):
