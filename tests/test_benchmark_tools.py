@@ -381,6 +381,39 @@ def test_make_cards_reads_records_with_compiled_blocks(tmp_path):
     assert benchmark.rate(got, "infer") == 10.0 and got["compiled"]["infer_img_s"] == 12.0
 
 
+def test_make_cards_renders_eager_and_compiled_rows(tmp_path):
+    """A record with compiled blocks gives the card an eager and a compiled row, zoo model and reference
+    side by side; a model that failed to compile shows the error and keeps its eager row."""
+    fam = "sparsifiner"
+    cards, results = tmp_path / "model_cards", tmp_path / "model_cards" / "results"
+    results.mkdir(parents=True)
+    (cards / f"{fam}.md").write_text("# Card\n")
+    a, b = zoo.list_models(family=fam)[:2]
+    common = dict(family=fam, input_size=[3, 224, 224], batch=2, dtype="float32", device="cpu",
+                  device_name="CPU test", threads=1, date="2026-01-01 00:00 UTC")
+    ok = dict(common, model=a, params_m=5.9, infer_img_s=10.0, infer_mem_mb=7.0,
+              reference=dict(name="deit_tiny_patch16_224", infer_img_s=8.0, infer_ratio=1.25, infer_mem_mb=5.0,
+                             compiled=dict(backend="inductor", infer_img_s=16.0, infer_speedup=2.0, graph_breaks=0,
+                                           max_abs_diff=2e-6, infer_ratio=0.75, infer_mem_mb=4.0)),
+              compiled=dict(backend="inductor", infer_img_s=12.0, infer_speedup=1.2, graph_breaks=0,
+                            max_abs_diff=1e-6, infer_mem_mb=6.0))
+    bad = dict(common, model=b, params_m=22.0, infer_img_s=3.0,
+               compiled=dict(backend="inductor", error="InductorError: boom\n  details"))
+    (results / f"{fam}.json").write_text(json.dumps([ok, bad]))
+    argv = ["--cards-dir", str(cards), "--families", fam, "--no-readme", "--no-index", "--no-plots"]
+    assert make_cards.main(argv) == 0
+    card = (cards / f"{fam}.md").read_text()
+    assert "| infer img/s (zoo / ref) | zoo / ref |" in card
+    assert (f"| {a} | deit_tiny_patch16_224 | eager | 10.00 / 8.00 | 1.250 | – / – | – | – | – | 7.0 / 5.0 | "
+            "CPU test | 2026-01-01 00:00 UTC |") in card
+    assert (f"| {a} | deit_tiny_patch16_224 | compiled | 12.00 / 16.00 | 0.750 | – / – | 1.20 / 2.00 | 0 / 0 | "
+            "1e-06 / 2e-06 | 6.0 / 4.0 | CPU test | 2026-01-01 00:00 UTC |") in card
+    assert f"| {b} | – | eager | 3.00 / – |" in card and f"| {b} | – | compiled | compile error / – |" in card
+    assert f"Compiling failed for {b} (zoo model): `InductorError: boom`" in card and "details" not in card
+    assert f"`python tools/benchmark.py {a} --reference auto --compile --batch 2 --img-size 224" in card
+    assert make_cards.main(argv) == 0 and (cards / f"{fam}.md").read_text() == card     # idempotent
+
+
 # ------------------------------------------------------------------------------------------------
 # tools/bench_ops.py
 # ------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 
 Inputs: the registry (``zoo.list_models``, ``zoo.model_family``, each model's default cfg) and the
 benchmark records in ``model_cards/results/*.json`` (written by tools/benchmark.py; ``kernels*.json``
-there are tools/bench_kernels.py output, used for the kernel speed-up plot only).
+there, tools/bench_ops.py output saved with ``--json``, feed the kernel speed-up plot only).
 
 Outputs, each rewritten only between its markers (markers appended at the end when absent), so the
 prose the family authors wrote around them is never touched:
@@ -16,6 +16,8 @@ plus ``model_cards/README.md`` (the generated index) and ``model_cards/plots/*.p
 Only numbers measured by tools/benchmark.py go in, each with its device and date; upstream claims
 stay in the cards' own prose. Records of models fed by ``example_inputs`` (not images) are shown in
 samples/s with one sample's input shapes; ``--flops-only`` records give parameters and GMACs only.
+Records run with ``--compile`` (a nested ``compiled`` block, see ``benchmark.mode_records``) add an eager
+and a compiled row per model, the zoo model and its reference side by side.
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "tools") not in sys.path:
     sys.path.insert(0, str(REPO / "tools"))
-from benchmark import inputs_str, rate, rate_unit, record_key, records_unit  # noqa: E402  (same units/keys)
+from benchmark import (inputs_str, mode_records, rate, rate_unit, record_key,  # noqa: E402  (same units/keys)
+                       records_unit)
+
 CARD_MARKERS = ("<!-- measured:start -->", "<!-- measured:end -->")
 README_MARKERS = ("<!-- model-table:start -->", "<!-- model-table:end -->")
 
@@ -128,6 +132,7 @@ def measured_section(family: str, records: List[dict], plot: Optional[str]) -> s
                 _fmt_rate(rate(f, "infer")), _fmt(f.get("infer_ratio"), 3), _fmt_rate(rate(f, "train")),
                 _fmt(f.get("train_ratio"), 3), _fmt(r.get("device_name") or r.get("device")),
                 _fmt(r.get("date"))]) + " |")
+    lines += compiled_section(records)
     notes = sorted({r["flops_note"] for r in records if r.get("flops_note")})
     mems = sorted({r["memory_method"] for r in records if r.get("memory_method")})
     lines += [""]
@@ -150,6 +155,89 @@ def measured_section(family: str, records: List[dict], plot: Optional[str]) -> s
     if plot:
         lines += ["", f"![{family}: speed vs parameters]({plot})"]
     return "\n".join(lines)
+
+
+def _first_line(msg: str, n: int = 100) -> str:
+    line = str(msg).strip().splitlines()[0] if str(msg).strip() else "?"
+    return (line[: n - 1] + "…" if len(line) > n else line).replace("|", "/")
+
+
+def _pair(a, b, nd=None) -> str:
+    """``a / b`` for a zoo value and its reference's ("–" for a missing one)."""
+    return f"{_fmt(a, nd)} / {_fmt(b, nd)}"
+
+
+def reproduce_command(r: dict) -> str:
+    """The tools/benchmark.py call that measures record ``r`` with its compiled block (timing-round
+    options aside)."""
+    parts = ["python tools/benchmark.py", r["model"]]
+    ref = (r.get("reference") or {}).get("name")
+    if ref:
+        parts += ["--reference", "auto"]
+        if str(ref).startswith("upstream:"):
+            parts += ["--reference-path", "<checkout>"]
+    parts += ["--compile"]
+    if r.get("batch") is not None:
+        parts += ["--batch", str(r["batch"])]
+    size = r.get("input_size") or []
+    if len(size) == 3 and size[1] == size[2]:
+        parts += ["--img-size", str(size[1])]
+    if r.get("threads") is not None and r.get("device") == "cpu":
+        parts += ["--threads", str(r["threads"])]
+    if rate(r, "train") is None:
+        parts += ["--no-train"]
+    return " ".join(parts)
+
+
+def compiled_section(records: List[dict]) -> List[str]:
+    """Lines of the eager-vs-compiled table: for each record with a ``compiled`` block, an eager and a
+    compiled row, the zoo model and its reference side by side (both measured in the same run,
+    interleaved). Empty when no record was run with ``--compile``."""
+    recs = [r for r in records if "compiled" in r]
+    if not recs:
+        return []
+    u = records_unit(recs)
+    backends = sorted({str(r["compiled"].get("backend", "?")) for r in recs})
+    lines = ["", f"Eager and `torch.compile` ({', '.join(backends)}) in one run, zoo model / reference side by side "
+             "(interleaved rounds, medians; zoo / ref > 1: zoo faster; speed-up = eager time / compiled time):", "",
+             f"| model | reference | mode | infer {u} (zoo / ref) | zoo / ref | train {u} (zoo / ref) "
+             "| speed-up vs eager (zoo / ref) | graph breaks (zoo / ref) | max abs diff vs eager (zoo / ref) "
+             "| infer peak MiB (zoo / ref) | device | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    errors, commands = [], []
+    for rec in recs:
+        ref_name = (rec.get("reference") or {}).get("name")
+        dev = rec.get("device_name") or rec.get("device")
+        blocks = (rec["compiled"], (rec.get("reference") or {}).get("compiled") or {})
+        for row in mode_records(rec):
+            compiled = row["mode"] == "compiled"
+            ref = row.get("reference") or {}
+            zoo_infer = rate(row, "infer")
+            ref_infer = rate(ref, "infer") if ref_name else None
+            cells = [_fmt_rate(zoo_infer) if not row.get("compile_error") else "compile error",
+                     _fmt_rate(ref_infer) if not ref.get("compile_error") else "compile error"]
+            if compiled:
+                speed = _pair(blocks[0].get("infer_speedup"), blocks[1].get("infer_speedup") if ref_name else None, 2)
+                breaks = _pair(blocks[0].get("graph_breaks"), blocks[1].get("graph_breaks") if ref_name else None)
+                diff = _pair(blocks[0].get("max_abs_diff"), blocks[1].get("max_abs_diff") if ref_name else None)
+            else:
+                speed = breaks = diff = "–"
+            lines.append("| " + " | ".join([
+                rec["model"], _fmt(ref_name), row["mode"], " / ".join(cells), _fmt(ref.get("infer_ratio"), 3),
+                _pair(_fmt_rate(rate(row, "train")) if rate(row, "train") is not None else None,
+                      _fmt_rate(rate(ref, "train")) if rate(ref, "train") is not None else None),
+                speed, breaks, diff, _pair(row.get("infer_mem_mb"), ref.get("infer_mem_mb") if ref_name else None, 1),
+                _fmt(dev), _fmt(rec.get("date"))]) + " |")
+            for who, r in (("zoo model", row), ("reference", ref)):
+                if r.get("compile_error"):
+                    errors.append(f"{rec['model']} ({who}): `{_first_line(r['compile_error'])}`")
+        commands.append(reproduce_command(rec))
+    lines += [""]
+    lines += [f"- Compiling failed for {e}; its eager row stands." for e in errors]
+    lines += [f"- Command: `{c}`." for c in commands]
+    lines += ["- Compiled times exclude compilation (the first calls); the max abs diff is the compiled inference "
+              "output's largest difference from the eager one on the same input."]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
