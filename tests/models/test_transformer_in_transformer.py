@@ -332,6 +332,48 @@ def test_inference_path_matches_autograd_path(name):
 
 
 @pytest.mark.parametrize("name", ["tnt", "pyramid"])
+def test_fx_trace_runs_the_eager_calls(name):
+    """timm's fx check (bitwise equal outputs): the CPU fast-path helpers are fx leaves, so the
+    traced model runs the very calls eager runs; training-mode tracing gives gradients."""
+    from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    torch.manual_seed(0)
+    model = _small(name).eval()
+    x = torch.randn(1, 3, 40, 40)
+    kw = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kw)
+    fx = create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+                                  tracer_kwargs=kw)
+    with torch.inference_mode():
+        assert torch.equal(fx(x)[eval_nodes[-1]], model(x))
+    fx.train()
+    fx(torch.randn(2, 3, 40, 40))[train_nodes[-1]].mean().backward()
+    assert all(p.grad is not None for p in fx.parameters())
+
+
+@pytest.mark.parametrize("name", ["tnt", "pyramid"])
+def test_compile_and_export_never_see_the_onednn_fast_path(name):
+    """torch.compile (one graph) and torch.export take the plain GEMMs and match eager, which takes
+    the oneDNN ones under no_grad."""
+    torch.manual_seed(0)
+    model = _small(name).eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(x)
+        program = torch.export.export(model, (x,))
+        exported = program.module()(x)
+    assert "mkldnn" not in str(program.graph)
+    torch.testing.assert_close(compiled, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exported, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_torchscript_names_the_supported_paths():
+    with pytest.raises(zoo.errors.UnsupportedError, match="torch.compile.*torch.export"):
+        torch.jit.script(_small("tnt"))
+
+
+@pytest.mark.parametrize("name", ["tnt", "pyramid"])
 def test_grad_checkpointing_and_intermediates(name):
     torch.manual_seed(0)
     model = _small(name).eval()

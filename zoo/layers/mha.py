@@ -7,8 +7,11 @@ such checkpoints load without renaming. Split projections still run as one GEMM 
 concatenated per call), and q/k/v reach the op as strided views of its output, so no layout copy
 is made on the way in; the op's output goes back through a transpose view.
 
-CPU inference (fp32, autograd off) runs the projections as oneDNN matmuls with the residual sum or
-the GELU fused in (:func:`inference_linear`); everywhere else they are plain ``F.linear``.
+Eager CPU inference (fp32, autograd off) runs the projections as oneDNN matmuls with the residual
+sum or the GELU fused in (:func:`inference_linear`); everywhere else they are plain ``F.linear``.
+That fast path is eager-only: under torch.compile / torch.export the helpers take the plain path
+(Inductor emits its own fused GEMMs), and torch.fx keeps both helpers as leaves, so a traced
+model runs the very same calls as the eager one.
 """
 from typing import Optional
 
@@ -40,15 +43,19 @@ _GELU_APPROX = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
 def _onednn_ok(*tensors: torch.Tensor) -> bool:
-    """CPU fp32 tensors, no autograd graph, not being fx-traced, and oneDNN present."""
-    if (_ONEDNN_LINEAR is None or is_fx_symbolic_tracing() or not torch.backends.mkldnn.is_available()
-            or torch.is_autocast_enabled("cpu")):
+    """Eager (not compiling, exporting or fx-tracing), CPU fp32 tensors, no autograd graph, and
+    oneDNN present. The compile check comes first: Dynamo must never reach the private op."""
+    if torch.compiler.is_compiling() or is_fx_symbolic_tracing():
+        return False
+    if _ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu"):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and tensors[0].numel() > 0
 
 
+@torch.fx.wrap      # leaves for torch.fx (plain and timm's tracer): a traced model runs these very calls
+@register_notrace_function
 def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                      act: Optional[str] = None) -> torch.Tensor:
     """``act(F.linear(x, weight, bias))`` with ``act`` None, ``'gelu'`` (erf) or ``'gelu_tanh'``.
@@ -72,14 +79,15 @@ def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return y if act is None else gelu_fresh(y, _GELU_APPROX[act])
 
 
+@torch.fx.wrap
+@register_notrace_function
 def linear_residual(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
     """``residual + linear(x)`` with the sum accumulated by the GEMM itself (beta = 1), which saves
     a full pass over the output compared with linear-then-add. Autograd-safe: the GEMM writes into
     a tensor created here. ``residual`` must have the output's shape. Under autocast or mixed
     dtypes it is plain ``residual + linear(x)`` (in-place GEMMs are not autocast). CPU fp32
     inference adds the residual as a oneDNN post-op instead (see :func:`inference_linear`)."""
-    if (is_fx_symbolic_tracing() or torch.is_autocast_enabled(x.device.type)
-            or not (x.dtype == residual.dtype == linear.weight.dtype)):
+    if torch.is_autocast_enabled(x.device.type) or not (x.dtype == residual.dtype == linear.weight.dtype):
         return residual + linear(x)
     n = linear.out_features
     if _onednn_ok(x, linear.weight, residual, *(() if linear.bias is None else (linear.bias,))):
@@ -191,7 +199,7 @@ class MultiHeadAttention(nn.Module):
         unless dropout is active."""
         B, L, _ = x.shape
         q, k, v = self.project(x, kv_input)
-        out = kernel_attention(q, k, v, layout, self.scale, bias)
+        out = _kernels.attention(q, k, v, layout, scale=self.scale, bias=bias)
         out = out.transpose(1, 2).reshape(B, L, self.dim)
         if residual is not None and not (self.training and self.proj_drop.p > 0):
             return linear_residual(out, self.proj, residual)

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
+# Derived from huawei-noah/Efficient-AI-Backbones (Apache-2.0; Copyright (C) 2021. Huawei Technologies Co., Ltd); see THIRD_PARTY_NOTICES.md
 """Transformer in Transformer (TNT) and PyramidTNT, with every attention in ``zoo.kernels``.
 
 TNT (Han et al., "Transformer in Transformer", NeurIPS 2021, arXiv:2103.00112): the image is cut
@@ -32,10 +34,15 @@ from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint
 
 from zoo import hub
+from zoo.errors import NotScriptable
 from zoo.layers.inplace import gelu_approximate
 from zoo.layers.mha import MultiHeadAttention, inference_linear, linear_residual
 
 __all__ = ["Tnt", "PyramidTnt", "TntBlock", "checkpoint_filter_fn"]
+
+# leaves for plain torch.fx too (timm's tracer already knows them): traced models run these calls
+torch.fx.wrap("inference_linear")
+torch.fx.wrap("linear_residual")
 
 Grid = Tuple[int, int]
 
@@ -196,7 +203,6 @@ class TntBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.outer_norm2 = norm_layer(dim)
         self.outer_mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        # without dropout the residual sums run inside the output GEMMs (see linear_residual)
         self.has_dropout = drop_path > 0. or proj_drop > 0.
 
     def _inner_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -212,16 +218,23 @@ class TntBlock(nn.Module):
             bias: Optional[torch.Tensor] = None,
     ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """inner (B*N, M, c) words, outer (B, p + N, C) sentences on ``grid`` (needed for sr_ratio > 1)."""
-        if self.training and self.has_dropout:
-            return self._forward_dropout(inner, outer, grid, bias)
         if self.has_inner:
             # all B*N sentences are the batch of one dense attention call
-            inner = self.inner_attn(self._inner_norm(self.inner_norm1, inner), residual=inner)
-            inner = _mlp_residual(self.inner_mlp, self._inner_norm(self.inner_norm2, inner), inner)
+            inner = self._residual(inner, self.inner_attn, self._inner_norm(self.inner_norm1, inner))
+            inner = self._residual(inner, self.inner_mlp, self._inner_norm(self.inner_norm2, inner))
             outer = self._fold(inner, outer)
-        outer = self.outer_attn(self.outer_norm1(outer), grid, bias, residual=outer)
-        outer = _mlp_residual(self.outer_mlp, self.outer_norm2(outer), outer)
+        outer = self._residual(outer, self.outer_attn, self.outer_norm1(outer), grid, bias)
+        outer = self._residual(outer, self.outer_mlp, self.outer_norm2(outer))
         return inner, outer
+
+    def _residual(self, x: torch.Tensor, branch: nn.Module, *args) -> torch.Tensor:
+        """``x + drop_path(branch(*args))``. Without active dropout the sum runs inside the branch's
+        output GEMM (see :func:`zoo.layers.mha.linear_residual`): the same value, one pass less."""
+        if self.training and self.has_dropout:
+            return x + self.drop_path(branch(*args))
+        if isinstance(branch, Mlp):
+            return _mlp_residual(branch, args[0], x)
+        return branch(*args, residual=x)
 
     def _fold(self, inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
         B, p = outer.shape[0], self.num_prefix_tokens
@@ -230,15 +243,6 @@ class TntBlock(nn.Module):
         if p:
             return torch.cat([outer[:, :p], outer[:, p:] + fold], dim=1)
         return outer + fold
-
-    def _forward_dropout(self, inner, outer, grid, bias):
-        if self.has_inner:
-            inner = inner + self.drop_path(self.inner_attn(self._inner_norm(self.inner_norm1, inner)))
-            inner = inner + self.drop_path(self.inner_mlp(self._inner_norm(self.inner_norm2, inner)))
-            outer = self._fold(inner, outer)
-        outer = outer + self.drop_path(self.outer_attn(self.outer_norm1(outer), grid, bias))
-        outer = outer + self.drop_path(self.outer_mlp(self.outer_norm2(outer)))
-        return inner, outer
 
 
 def _gelu_kind(act: nn.Module) -> Optional[str]:
@@ -287,7 +291,7 @@ class WordEmbed(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # TNT
 
-class Tnt(nn.Module):
+class Tnt(NotScriptable, nn.Module):
     """TNT: inner (word) and outer (sentence) transformers, class-token head."""
 
     def __init__(
@@ -591,7 +595,7 @@ class PyramidStage(nn.Module):
         return inner, outer
 
 
-class PyramidTnt(nn.Module):
+class PyramidTnt(NotScriptable, nn.Module):
     """PyramidTNT: conv stem, four TNT stages with word / sentence merging, mean-pooled head.
 
     ``forward_features`` returns the normalised NCHW sentence map of the last stage.
@@ -833,6 +837,8 @@ def _filter_tnt(state_dict, model: Tnt):
 def _filter_pyramid(state_dict, model: PyramidTnt):
     out = {}
     for k, v in state_dict.items():
+        if k in ("head.weight", "head.bias"):  # official: a bare Linear; here a timm ClassifierHead
+            k = "head.fc." + k.split(".")[1]
         k = k.replace(".conv.0.", ".conv.")  # official merges wrap the conv in a Sequential
         if k.endswith("relative_pos"):
             stage = model.stages[int(k.split(".")[1])]
