@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0 AND MIT
+# Derived from lim142857/Sparsifiner (MIT; Copyright (c) 2023 Cong Wei); see THIRD_PARTY_NOTICES.md
 """Sparsifiner's connectivity predictor: a cheap low-rank guess of each query's attention row,
 turned into instance-dependent top-k key lists for the real attention.
 
@@ -180,7 +182,8 @@ class ConnectivityPredictor(nn.Module):
         idx = _nonnegative_topk_indices(coef.detach(), k)                       # softmax output: >= 0
         val = coef.gather(-1, idx)
         if basis.dim() == 2:         # one basis for all rows: a weighted sum of k basis rows per query
-            return F.embedding_bag(idx.reshape(-1, k), basis, mode="sum",
+            # one dtype for both (under autocast the coefficients come out in the lower precision)
+            return F.embedding_bag(idx.reshape(-1, k), basis.to(val.dtype), mode="sum",
                                    per_sample_weights=val.reshape(-1, k)).view(*coef.shape[:-1], basis.shape[-1])
         return torch.zeros_like(coef).scatter_(-1, idx, val) @ basis      # per-sample basis (token pruning)
 

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
+# Derived from huggingface/pytorch-image-models (Apache-2.0; Copyright 2025 Ross Wightman); see THIRD_PARTY_NOTICES.md
 """Halo attention (blocked local) and BoTNet-style dense attention, both on ``zoo.kernels.attention``.
 
 Both layers keep timm's parameter names and shapes (``q``/``kv`` or ``qkv`` 1x1 convs,
@@ -26,6 +28,7 @@ from torch import nn
 from timm.layers import make_divisible, to_2tuple, trunc_normal_
 from timm.layers import register_notrace_module
 
+from zoo.errors import NotScriptable
 from zoo.kernels import RelPosBias, attention, window_2d
 
 __all__ = ['QueryRelPosLogits', 'HaloAttention', 'BottleneckRelPosAttention']
@@ -62,7 +65,7 @@ def _check_border(border: str):
         raise ValueError(f"border must be 'zero' (timm: zero halo keys take part) or 'clamp' (NATTEN-style), got {border!r}")
 
 
-class HaloAttention(nn.Module):
+class HaloAttention(NotScriptable, nn.Module):
     """Blocked local self-attention: each ``block x block`` query block attends the
     ``(block + 2 * halo)^2`` window around it (HaloNet, arXiv 2103.12731).
 
@@ -199,7 +202,7 @@ class HaloAttention(nn.Module):
         return self.pool(out)
 
 
-class BottleneckRelPosAttention(nn.Module):
+class BottleneckRelPosAttention(NotScriptable, nn.Module):
     """Global multi-head self-attention over the feature map with 2-D relative-position logits
     (BoTNet, arXiv 2101.11605); drop-in for timm's ``BottleneckAttn`` (same arguments and
     parameters: one ``qkv`` conv laid out [q | k | v], each head-major; no output projection).

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0 AND MIT
+# Derived from rayleizhu/BiFormer (MIT; Copyright (c) Meta Platforms, Inc. and affiliates); see THIRD_PARTY_NOTICES.md
 """BiFormer: Vision Transformer with Bi-Level Routing Attention (Zhu et al., CVPR 2023).
 
 Paper: https://arxiv.org/abs/2303.08810 — reference code: https://github.com/rayleizhu/BiFormer (MIT).
@@ -24,6 +26,7 @@ from timm.models import register_model, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
+from zoo.errors import NotScriptable
 from zoo.hub import build_model, cfg
 from zoo.layers.routing_attention import BiLevelRoutingAttention, LePEAttention
 
@@ -117,7 +120,7 @@ class BiFormerStage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class BiFormer(nn.Module):
+class BiFormer(NotScriptable, nn.Module):
     """BiFormer backbone + BN → global pool → Linear head."""
 
     def __init__(

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
+# Derived from ysj9909/FFNet (Apache-2.0; the FFNet authors (Seokju Yun, Dongheon Lee, Youngmin Ro)); see THIRD_PARTY_NOTICES.md
 """FFNet and the MetaMixer block.
 
 "FFNet: MetaMixer-based Efficient Convolutional Mixer Design" (first titled "MetaMixer Is All You
@@ -33,6 +35,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
 
+from zoo.errors import NotScriptable
 from zoo.hub import build_model, cfg as hub_cfg
 from zoo.layers.inplace import gelu_approximate, gelu_fresh, residual_fresh
 from zoo.layers.reparam import BnConvSkip, ConvBn, RepDwConv, reparameterize_modules
@@ -295,7 +298,7 @@ def _per_stage(value, num_stages: int, name: str) -> tuple:
     return (value,) * num_stages
 
 
-class FFNet(nn.Module):
+class FFNet(NotScriptable, nn.Module):
     """FFNet: conv stem, four stages of FFBlocks (MetaMixer token + channel mixers), BN, pool, linear.
 
     Args mirror upstream's: ``key_kernel_sizes`` / ``value_kernel_sizes`` are the token mixer's

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0 AND MIT
+# Derived from lim142857/Sparsifiner (MIT; Copyright (c) 2023 Cong Wei); see THIRD_PARTY_NOTICES.md
 """Sparsifiner: instance-dependent sparse attention for ViTs.
 
 Wei, Duke, Jiang, Aarabi, Taylor, Shkurti, "Sparsifiner: Learning Sparse Instance-Dependent
@@ -59,6 +61,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_fn
 
 from zoo import hub
+from zoo.errors import NotScriptable
 from zoo.kernels import Layout, attention
 from zoo.layers.connectivity import ConnectivityPredictor, keep_count, resample_token_proj, topk_connectivity
 
@@ -166,7 +169,7 @@ class SparsifinerAttention(Attention):
         return self._out(sparse_attention(q, k, v, conn, self.scale))
 
 
-class Sparsifiner(VisionTransformer):
+class Sparsifiner(NotScriptable, VisionTransformer):
     """timm `VisionTransformer` with `SparsifinerAttention` in every block.
 
     Args (beyond timm's VisionTransformer):
