@@ -13,7 +13,7 @@ import timm
 import torch
 
 import zoo
-from conformance_subsets import ALL_CHECKS, INPUT_SIZE, SUBSETS, TOO_LARGE
+from conformance_subsets import ALL_CHECKS, INPUT_SIZE, NO_GRAD_PARAMS, SUBSETS, TOO_LARGE
 import _toy_models  # noqa: F401  (registers zoo_test_toynet)
 
 MODELS = sorted(zoo.list_models()) + ["zoo_test_toynet"]
@@ -103,10 +103,16 @@ def test_backward(name):
     out = model(x)
     assert out.shape[-1] == 42
     out.float().mean().backward()
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    missing = [n for n, p in params if p.grad is None]
-    assert not missing, f"parameters without grad: {missing[:10]}"
-    assert not any(torch.isnan(p.grad).any() for _, p in params)
+    declared = _match(name, NO_GRAD_PARAMS)
+    no_grad = declared[0] if declared else None
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    undeclared = [n for n in missing if no_grad is None or not fnmatch.fnmatch(n, no_grad)]
+    assert not undeclared, f"parameters without grad: {undeclared[:10]}"
+    if no_grad is not None:
+        frozen = [n for n, p in model.named_parameters() if fnmatch.fnmatch(n, no_grad)]
+        assert frozen and frozen == missing, f"declared no-grad parameters {no_grad!r} got gradients"
+        assert not any(p.requires_grad for n, p in model.named_parameters() if n in frozen)
+    assert not any(torch.isnan(p.grad).any() for _, p in model.named_parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("name", _applies("default_cfg"))
@@ -216,6 +222,11 @@ def test_too_large_meta_param_count(pattern):
             model = timm.create_model(name)
         count = sum(p.numel() for p in model.parameters()) / 1e6
         assert abs(count - expected) <= rtol * expected, (name, count, expected)
+
+
+@pytest.mark.parametrize("pattern", sorted(NO_GRAD_PARAMS))
+def test_no_grad_declarations_match_models(pattern):
+    assert [n for n in MODELS if fnmatch.fnmatch(n, pattern)], f"NO_GRAD_PARAMS pattern {pattern} matches no model"
 
 
 def test_every_model_in_suite():
