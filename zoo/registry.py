@@ -6,6 +6,11 @@ codebases with the same class names (mmpretrain's ``TimmClassifier``, ``Accuracy
 their own scopes and never collide with ours. mmengine imports this module by name when it switches
 to the ``'zoo'`` scope; ``locations`` are imported the first time a zoo registry is searched.
 """
+from zoo._extras import requires_extra
+
+with requires_extra("train", "zoo.registry (the zoo's mmengine registries)"):
+    import mmengine  # noqa: F401
+
 from mmengine.registry import DATA_SAMPLERS as MMENGINE_DATA_SAMPLERS
 from mmengine.registry import DATASETS as MMENGINE_DATASETS
 from mmengine.registry import HOOKS as MMENGINE_HOOKS

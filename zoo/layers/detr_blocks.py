@@ -1,3 +1,6 @@
+# SPDX-License-Identifier: Apache-2.0
+# Derived from IDEA-Research/detrex (Apache-2.0; Copyright 2022 - present, IDEA, Inc); see THIRD_PARTY_NOTICES.md
+# Derived from fundamentalvision/Deformable-DETR (Apache-2.0; Copyright (c) 2020 SenseTime. All Rights Reserved); see THIRD_PARTY_NOTICES.md
 """Building blocks shared by DETR-family detectors (Deformable-DETR / DINO lineage).
 
 Box helpers, sine position embeddings (2-D maps and box coordinates), the MLP / FFN heads, the
@@ -140,7 +143,9 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor,
                 targets: Sequence[Dict[str, torch.Tensor]]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        from scipy.optimize import linear_sum_assignment
+        from zoo._extras import requires_extra
+        with requires_extra("detection", "Hungarian matching"):
+            from scipy.optimize import linear_sum_assignment
 
         B, Q, _ = pred_logits.shape
         out = []

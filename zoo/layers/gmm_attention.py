@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
+# Architecture from CatworldLee/Gaussian-Mixture-Mask-Attention (no licence; re-implemented from the paper); see THIRD_PARTY_NOTICES.md
 """Gaussian-mixture-masked attention (Li & Zhang, "RetNet viewed through convolution", 2023).
 
 Per head h the scaled logits between patches p and q are multiplied (or, optionally, shifted) by
@@ -27,7 +29,7 @@ _MODES = ("mul", "add")
 @register_notrace_function
 def gmm_kernel_attention(q, k, v, alpha: Optional[torch.Tensor], sigma: Optional[torch.Tensor], grid,
                          mode: str = "mul", num_prefix_tokens: int = 0, scale: Optional[float] = None,
-                         bias: Optional[torch.Tensor] = None, head_repeat: int = 1):
+                         bias: Optional[torch.Tensor] = None, head_repeat: int = 1, dropout_p: float = 0.0):
     """Leaf call into the op (kept out of torch.fx graphs: the score mod is built from runtime values).
 
     ``alpha``/``sigma`` (H, K) are the *effective* mixture parameters (sigma already includes eps);
@@ -40,7 +42,7 @@ def gmm_kernel_attention(q, k, v, alpha: Optional[torch.Tensor], sigma: Optional
             alpha, sigma = alpha.repeat(head_repeat, 1), sigma.repeat(head_repeat, 1)
         score_mod = _kernels.GaussianMixture(alpha, sigma, (int(grid[0]), int(grid[1])), mode=mode,
                                              num_prefix_tokens=int(num_prefix_tokens))
-    return _kernels.attention(q, k, v, scale=scale, bias=bias, score_mod=score_mod)
+    return _kernels.attention(q, k, v, scale=scale, bias=bias, score_mod=score_mod, dropout_p=dropout_p)
 
 
 @torch.fx.wrap
@@ -110,9 +112,6 @@ class GmmAttention(nn.Module):
                  num_prefix_tokens: int = 0, scale: Optional[float] = None, attn_drop: float = 0.,
                  proj_drop: float = 0.):
         super().__init__()
-        if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop} is not supported: zoo.kernels.attention has no dropout "
-                             "on the attention weights; use attn_drop=0")
         head_dim = head_dim or dim // num_heads
         if head_dim < 1:
             raise ValueError(f"head_dim must be >= 1 (dim={dim}, num_heads={num_heads})")
@@ -125,6 +124,7 @@ class GmmAttention(nn.Module):
         self.gmm = GaussianMixtureMask(num_heads, num_kernels, gmm_mode) if num_kernels else None
         self.proj = nn.Linear(self.inner_dim, self.out_dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.attn_drop = float(attn_drop)
 
     def attend(self, x: torch.Tensor, grid) -> Tuple[torch.Tensor, torch.Tensor]:
         """x (B, N, dim) -> (attention output (B, N, inner), v (B, H, N, head_dim))."""
@@ -134,7 +134,8 @@ class GmmAttention(nn.Module):
         if self.gmm is not None:
             alpha, sigma = self.gmm.effective()
         mode = self.gmm.mode if self.gmm is not None else "mul"
-        out = gmm_kernel_attention(q, k, v, alpha, sigma, grid, mode, self.num_prefix_tokens, self.scale)
+        out = gmm_kernel_attention(q, k, v, alpha, sigma, grid, mode, self.num_prefix_tokens, self.scale,
+                                   dropout_p=self.attn_drop if self.training else 0.0)
         return out.transpose(1, 2).reshape(B, N, self.inner_dim), v
 
     def forward(self, x: torch.Tensor, grid) -> torch.Tensor:

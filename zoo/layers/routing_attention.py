@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0 AND MIT
+# Derived from rayleizhu/BiFormer (MIT; Copyright (c) Meta Platforms, Inc. and affiliates); see THIRD_PARTY_NOTICES.md
 """Bi-Level Routing Attention (BiFormer) and the dense LePE attention of BiFormer's last stage.
 
 Both modules take and return channels-last maps ``(B, H, W, C)`` and hand every softmax to

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
+# Derived from huggingface/pytorch-image-models (Apache-2.0; Copyright 2025 Ross Wightman); see THIRD_PARTY_NOTICES.md
 """HaloNet: blocked local self-attention backbones on the zoo's attention op.
 
 Paper: `Scaling Local Self-Attention for Parameter Efficient Visual Backbones`
@@ -345,7 +347,8 @@ def _paper(size: int, **kwargs) -> Dict[str, Any]:
 
 
 def _timm(name: str, tag: str, file: str, **kwargs) -> Dict[str, Any]:
-    # timm's released weights: the HF hub copy (timm/<name>.<tag>) first, the GitHub release as fallback
+    # timm's released weights: the GitHub release (its file name carries a sha256 prefix that is checked on
+    # download) is preferred by zoo.hub; the HF hub copy (timm/<name>.<tag>, no hash) is the alternative
     return _cfg(
         url=_TIMM_RELEASE + file, hf_hub_id=f'timm/{name}.{tag}',
         origin_url='https://github.com/huggingface/pytorch-image-models', **kwargs)

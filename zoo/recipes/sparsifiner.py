@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0 AND MIT
+# Derived from lim142857/Sparsifiner (MIT; Copyright (c) 2023 Cong Wei); see THIRD_PARTY_NOTICES.md
 """mmengine wrapper for the two-phase Sparsifiner recipe (zoo/models/sparsifiner.py).
 
 phase='dense' (teacher pre-training for small runs): plain DeiT, dense attention, CE only.

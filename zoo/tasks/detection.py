@@ -103,7 +103,9 @@ class CocoDetection(Dataset):
                  img_prefix: str = "train2017", scales: Sequence[int] = (800,), max_size: Optional[int] = 1333,
                  letterbox: Optional[int] = None, flip_prob: float = 0.0, test_mode: bool = False,
                  filter_empty: bool = False, max_samples: Optional[int] = None):
-        from pycocotools.coco import COCO
+        from zoo._extras import requires_extra
+        with requires_extra("detection", "CocoDetection"):
+            from pycocotools.coco import COCO
 
         if not data_root or not osp.isdir(data_root):
             raise FileNotFoundError(
@@ -205,7 +207,10 @@ def make_digits_detection_set(root: str, num_train: int = 240, num_val: int = 60
     under ``{root}/{split}/``; returns the json paths.
     """
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    from zoo._extras import requires_extra
+    with requires_extra("train", "the embedded digits detection data"):
+        from sklearn.datasets import load_digits
 
     digits = load_digits()
     imgs = digits.images.astype(np.float32) / 16.0
@@ -498,8 +503,10 @@ class CocoMetric(BaseMetric):
         return dict(images=images, annotations=anns, categories=[dict(id=int(c), name=str(c)) for c in cat_ids])
 
     def compute_metrics(self, results: list) -> Dict[str, float]:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
+        from zoo._extras import requires_extra
+        with requires_extra("detection", "COCO evaluation"):
+            from pycocotools.coco import COCO
+            from pycocotools.cocoeval import COCOeval
 
         meta = self.dataset_meta or {}
         ann_file = self.ann_file or meta.get("ann_file")

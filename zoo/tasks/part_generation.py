@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0 AND MIT
+# Derived from wgsxm/PartCrafter (MIT; Copyright (c) 2025 Yuchen Lin); see THIRD_PARTY_NOTICES.md
 """PartCrafter glue for the Runner: an embedded procedural multi-part object set, the rectified-flow
 training wrapper, and a per-part Chamfer metric.
 
@@ -275,7 +277,9 @@ def matched_part_chamfer(pred: torch.Tensor, gt: torch.Tensor) -> float:
     if n <= 7:
         best = min(cost[np.arange(n), list(p)].sum() for p in itertools.permutations(range(n)))
     else:
-        from scipy.optimize import linear_sum_assignment
+        from zoo._extras import requires_extra
+        with requires_extra("train", "part matching"):
+            from scipy.optimize import linear_sum_assignment
         r, c = linear_sum_assignment(cost)
         best = cost[r, c].sum()
     return float(best / n)

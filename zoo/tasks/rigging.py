@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
+# Derived from Seed3D/Puppeteer (Apache-2.0; Copyright (c) 2025 Bytedance Ltd. and/or its affiliates); see THIRD_PARTY_NOTICES.md
 """Rigging glue for the Runner (Puppeteer): an embedded set of procedural articulated shapes, the
 skinning model wrapper, and the paper's skinning metrics plus a skeleton-token round trip.
 

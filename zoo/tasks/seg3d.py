@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0 AND BSD-2-Clause
+# Derived from dbouget/mri_brain_tumor_segmentation (BSD-2-Clause; Copyright (c) 2021, dbouget); see THIRD_PARTY_NOTICES.md
 """3-D (MRI) segmentation glue for the Runner: NIfTI datasets, an embedded MRI set, the segmentation
 model wrapper, Dice + patient-wise detection metrics, and NIfTI/PNG inference.
 
@@ -219,7 +221,9 @@ def make_embedded_mri_set(num: int, size: int = 32, seed: int = 0, empty_fractio
     (intensity 0.8-0.95 with texture, radii 2.5-6 voxels at any size, soft 1-voxel rim) placed inside
     the head. The mask is the ellipsoid interior (blend weight > half) — known exactly. Returns ``[(image (1, s, s, s), mask (s, s, s) long)]``.
     """
-    from nibabel.testing import data_path
+    from zoo._extras import requires_extra
+    with requires_extra("medical", "the embedded NIfTI volumes"):
+        from nibabel.testing import data_path
 
     bases = []
     for fname, frames in _NIBABEL_VOLUMES:
@@ -518,7 +522,9 @@ def infer_nifti(model_or_ckpt: Union[str, nn.Module], inputs: Sequence[str], out
     ``model_name``) or a zoo model name with weights. ``size``: network input size (default: the
     checkpoint's dataset size, else the cfg's ``test_input_size``).
     """
-    import nibabel as nib
+    from zoo._extras import requires_extra
+    with requires_extra("medical", "NIfTI inference"):
+        import nibabel as nib
 
     files = []
     for item in inputs:
