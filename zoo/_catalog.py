@@ -1,13 +1,13 @@
-"""Zoo-level views of timm's registry: which registered names belong to the zoo, by family."""
+"""Zoo-level views of timm's registry: which registered names belong to the zoo, by family.
+
+Importing this module is cheap; each function imports timm and the families when first called.
+"""
 import difflib
 from typing import List, Optional
 
-import timm
-from timm.models import get_arch_name
-from timm.models._registry import _model_to_module
-
 
 def list_families() -> List[str]:
+    """Family names (module basenames under ``zoo.models``), sorted."""
     from .models import FAMILY_MODULES
     return list(FAMILY_MODULES)
 
@@ -17,6 +17,8 @@ def list_models(pattern: Optional[str] = None, family: Optional[str] = None, pre
 
     ``pattern`` is a timm wildcard filter (``'halo*'``); ``family`` a family module name.
     """
+    import timm
+
     families = list_families()
     if family is not None:
         if family not in families:
@@ -29,9 +31,13 @@ def list_models(pattern: Optional[str] = None, family: Optional[str] = None, pre
 
 def model_family(name: str) -> str:
     """Family (module basename) of a zoo model name, with or without a pretrained tag."""
+    from timm.models import get_arch_name
+    from timm.models._registry import _model_to_module
+
+    families = list_families()
     arch = get_arch_name(name)
     module = _model_to_module.get(arch)
-    if module is None or module not in list_families():
+    if module is None or module not in families:
         close = difflib.get_close_matches(arch, list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"{name!r} is not a zoo model{hint}")
