@@ -66,3 +66,13 @@ class NoClassifierApi:
 
     def prune_intermediate_layers(self, *args, **kwargs):
         self._no_classifier_api("prune_intermediate_layers()")
+
+
+def check_batch(x, where: str) -> None:
+    """A clear error for an empty batch, which the models' token reshapes cannot represent."""
+    import torch
+
+    if isinstance(x, torch.fx.Proxy):    # symbolic tracing: no concrete batch size to check
+        return
+    if x.shape[0] == 0:
+        raise ValueError(f"{where}: got an empty batch (input shape {tuple(x.shape)}); pass at least one sample")

@@ -28,7 +28,7 @@ from torch import nn
 from timm.layers import make_divisible, to_2tuple, trunc_normal_
 from timm.layers import register_notrace_module
 
-from zoo.errors import NotScriptable
+from zoo.errors import NotScriptable, check_batch
 from zoo.kernels import RelPosBias, attention, window_2d
 
 __all__ = ['QueryRelPosLogits', 'HaloAttention', 'BottleneckRelPosAttention']
@@ -175,6 +175,7 @@ class HaloAttention(NotScriptable, nn.Module):
         return layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, type(self).__name__)
         B, _, H, W = x.shape
         bs, s = self.block_size, self.block_stride
         hp, wp = math.ceil(H / bs) * bs, math.ceil(W / bs) * bs
@@ -254,6 +255,7 @@ class BottleneckRelPosAttention(NotScriptable, nn.Module):
         self.pos_embed.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, type(self).__name__)
         B, _, H, W = x.shape
         if H > self.feat_size[0] or W > self.feat_size[1]:
             raise ValueError(

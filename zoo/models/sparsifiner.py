@@ -61,7 +61,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_fn
 
 from zoo import hub
-from zoo.errors import NotScriptable
+from zoo.errors import NotScriptable, check_batch
 from zoo.kernels import Layout, attention
 from zoo.layers.connectivity import ConnectivityPredictor, keep_count, resample_token_proj, topk_connectivity
 
@@ -283,6 +283,7 @@ class Sparsifiner(NotScriptable, VisionTransformer):
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
+        check_batch(x, type(self).__name__)
         if not self._pruning_active():
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         return self.norm(self._forward_blocks(self._embed(x))[0])

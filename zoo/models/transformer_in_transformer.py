@@ -34,7 +34,7 @@ from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint
 
 from zoo import hub
-from zoo.errors import NotScriptable
+from zoo.errors import NotScriptable, check_batch
 from zoo.layers.inplace import gelu_approximate
 from zoo.layers.mha import MultiHeadAttention, inference_linear, linear_residual
 
@@ -406,6 +406,7 @@ class Tnt(NotScriptable, nn.Module):
         return blk(inner, outer)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, type(self).__name__)
         inner, outer, _ = self._embed(x)
         for blk in self.blocks:
             inner, outer = self._run_block(blk, inner, outer)
@@ -716,6 +717,7 @@ class PyramidTnt(NotScriptable, nn.Module):
         return x.reshape(x.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, type(self).__name__)
         B = x.shape[0]
         inner, outer, grid = self._embed(x)
         for i in range(len(self.stages)):
