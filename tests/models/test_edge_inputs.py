@@ -29,3 +29,24 @@ def test_sparsifiner_under_cpu_bf16_autocast():
             out = model(x)
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name,kw", [("tnt_s_patch16_224_zoo", dict(depth=1, img_size=32)),
+                                     ("sparsifiner_deit_tiny_patch16_224", dict(depth=2, img_size=32, patch_size=8))])
+def test_attention_dropout_only_in_training(name, kw):
+    torch.manual_seed(0)
+    plain = timm.create_model(name, num_classes=5, **kw)
+    dropped = timm.create_model(name, num_classes=5, attn_drop_rate=0.3, **kw)
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, kw["img_size"], kw["img_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.eval()(x), plain.eval()(x))    # eval: no dropout
+        dropped.train()
+        torch.manual_seed(1)
+        a = dropped(x)
+        torch.manual_seed(1)
+        b = dropped(x)
+        torch.manual_seed(2)
+        c = dropped(x)
+    torch.testing.assert_close(a, b)                                      # seeded: reproducible
+    assert not torch.allclose(a, c)                                       # a different mask

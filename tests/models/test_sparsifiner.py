@@ -183,8 +183,6 @@ def test_bad_input_errors():
         _tiny(keep_rate=0.0)
     with pytest.raises(ValueError, match="attention mode"):
         _tiny().set_attn_mode("fast")
-    with pytest.raises(ValueError, match="attn_drop"):
-        _tiny(attn_drop_rate=0.1)
     assert keep_count(0.25, 197) == 50
 
 

@@ -404,7 +404,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="at least 32x32"):
         _small("pyramid")(torch.randn(1, 3, 24, 24))
     with pytest.raises(ValueError, match="attn_drop"):
-        timm.create_model("tnt_s_patch16_224_zoo", depth=1, attn_drop_rate=0.1)
+        timm.create_model("tnt_s_patch16_224_zoo", depth=1, attn_drop_rate=1.5)
     with pytest.raises(ValueError, match="global_pool"):
         timm.create_model("tnt_s_patch16_224_zoo", depth=1, global_pool="max")
 

@@ -109,7 +109,7 @@ class MultiHeadAttention(nn.Module):
         qk_dim: total width of the q and k projections (default ``dim``); v keeps ``dim``.
         qkv_bias: bias on the q/k/v projections. ``proj_bias``: bias on the output projection.
         scale: logit scale, default ``(qk_dim // num_heads) ** -0.5``.
-        attn_drop: must be 0; the op has no dropout on attention weights.
+        attn_drop: dropout on the attention probabilities (training only; the op's ``dropout_p``).
         proj_drop: dropout after the output projection.
     """
 
@@ -136,10 +136,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"dim={dim} and qk_dim={qk_dim} must both be divisible by num_heads={num_heads}")
         if qkv_split == "qkv" and qk_dim != dim:
             raise ValueError("qkv_split='qkv' needs qk_dim == dim; use 'qk_v' or 'q_kv' for a different qk width")
-        if attn_drop:
-            raise ValueError(
-                f"attn_drop={attn_drop} is not supported: zoo.kernels.attention has no dropout on the "
-                "attention weights; use attn_drop=0 (proj_drop and drop_path are available)")
+        if not 0.0 <= attn_drop < 1.0:
+            raise ValueError(f"attn_drop must be in [0, 1), got {attn_drop}")
         self.dim = dim
         self.qk_dim = qk_dim
         self.num_heads = num_heads
@@ -155,6 +153,7 @@ class MultiHeadAttention(nn.Module):
             self.kv = nn.Linear(dim, qk_dim + dim, bias=qkv_bias, **dd)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.attn_drop = float(attn_drop)
 
     def _heads(self, t: torch.Tensor, width: int) -> torch.Tensor:
         """(B, L, width) view -> (B, H, L, width // H) view, no copy."""
@@ -199,7 +198,8 @@ class MultiHeadAttention(nn.Module):
         unless dropout is active."""
         B, L, _ = x.shape
         q, k, v = self.project(x, kv_input)
-        out = _kernels.attention(q, k, v, layout, scale=self.scale, bias=bias)
+        out = _kernels.attention(q, k, v, layout, scale=self.scale, bias=bias,
+                                 dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, L, self.dim)
         if residual is not None and not (self.training and self.proj_drop.p > 0):
             return linear_residual(out, self.proj, residual)

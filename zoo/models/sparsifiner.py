@@ -73,9 +73,10 @@ ATTN_MODES = ("sparse", "recon", "dense")
 
 @register_notrace_function
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, connectivity: Optional[Layout],
-                     scale: float) -> torch.Tensor:
-    """Attention restricted to the connectivity layout (`topk_connectivity`); None = dense."""
-    return attention(q, k, v, connectivity, scale=scale)
+                     scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention restricted to the connectivity layout (`topk_connectivity`); None = dense. A leaf
+    under fx: the layout is built from traced tensors."""
+    return attention(q, k, v, connectivity, scale=scale, dropout_p=dropout_p)
 
 
 @register_notrace_function
@@ -93,11 +94,9 @@ class SparsifinerAttention(Attention):
                  num_prefix_tokens: int = 1, keep_rate: float = 0.25, reduce_c_factor: int = 2,
                  reduce_n_factor: int = 6, basis_threshold: float = 0.02, coef_topk: int = 8,
                  attn_drop: float = 0.0, **kwargs):
-        if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop}: zoo.kernels.attention has no attention dropout; use 0")
         if kwargs.get("gated"):
             raise ValueError("gated attention is not supported by SparsifinerAttention")
-        super().__init__(dim, num_heads=num_heads, attn_drop=0.0, **kwargs)
+        super().__init__(dim, num_heads=num_heads, attn_drop=attn_drop, **kwargs)
         keep_count(keep_rate, 2)   # validates the range
         self.keep_rate = float(keep_rate)
         self.num_prefix_tokens = num_prefix_tokens
@@ -107,6 +106,9 @@ class SparsifinerAttention(Attention):
             self.head_dim, num_heads, grid_size, num_prefix_tokens=num_prefix_tokens,
             reduce_c_factor=reduce_c_factor, reduce_n_factor=reduce_n_factor,
             basis_threshold=basis_threshold, coef_topk=coef_topk, **dd)
+
+    def _dropout_p(self) -> float:
+        return self.attn_drop.p if self.training else 0.0
 
     def _qkv(self, x):
         B, N, _ = x.shape
@@ -148,10 +150,10 @@ class SparsifinerAttention(Attention):
                 aux["cls_attn"] = attention_rows(q[:, :, :self.num_prefix_tokens].detach(), k.detach(), self.scale)
         if self.attn_mode == "sparse":
             approx, conn = self.predict_connectivity(q, k, token_pos, num_patches)
-            o = sparse_attention(q, k, v, conn, self.scale)
+            o = sparse_attention(q, k, v, conn, self.scale, self._dropout_p())
             aux.update(approx_attn=approx, connectivity=conn)
         else:
-            o = sparse_attention(q, k, v, None, self.scale)
+            o = sparse_attention(q, k, v, None, self.scale, self._dropout_p())
             if self.attn_mode == "recon":
                 aux["approx_attn"] = self.mask_predictor(q, k, recon=True)
                 with torch.no_grad():
@@ -166,7 +168,7 @@ class SparsifinerAttention(Attention):
         conn = None
         if self.attn_mode == "sparse":
             conn = self.predict_connectivity(q, k)[1]
-        return self._out(sparse_attention(q, k, v, conn, self.scale))
+        return self._out(sparse_attention(q, k, v, conn, self.scale, self._dropout_p()))
 
 
 class Sparsifiner(NotScriptable, VisionTransformer):
