@@ -292,6 +292,8 @@ def test_load_from_must_fit_unless_partial(trained, tmp_path):
     five, five_sd = _foreign_checkpoint(tmp_path, num_classes=5, model="test_resnet")
     cfg = train.build_cfg(train.parse_args([str(trained["cfg"]), "--work-dir", str(tmp_path / "b"),
                                             "--load-from", str(five), "--partial-load", "model.fc.*"]))
+    # its own experiment name: two Runners built in the same second would share one logger (and log file)
+    cfg.experiment_name = "partial_load_b"
     runner = Runner.from_cfg(cfg)
     runner.load_or_resume()
     sd = runner.model.state_dict()
