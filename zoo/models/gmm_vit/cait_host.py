@@ -14,6 +14,8 @@ from ._host import (LUCIDRAINS_STEM_HEAD_RULES, FeedForward, PatchEmbed, TokenHo
 
 __all__ = ["GmmCaiT", "TalkingHeadsAttention", "talking_heads_attention"]
 
+torch.fx.wrap("add_pos_embed")  # a leaf in this module too (fx patches the calling module's globals)
+
 
 @torch.fx.wrap
 @register_notrace_function

@@ -10,6 +10,8 @@ from ._host import (LUCIDRAINS_STEM_HEAD_RULES, Block, PatchEmbed, TokenHost, ad
 
 __all__ = ["GmmPiT"]
 
+torch.fx.wrap("add_pos_embed")  # a leaf in this module too (fx patches the calling module's globals)
+
 
 class PoolStage(nn.Module):
     """PiT's pooling: depthwise 3x3 stride-2 conv (channel x2) + pointwise conv for patch tokens,

@@ -14,6 +14,8 @@ from ._host import FeedForward, GmmHost, PatchEmbed, add_pos_embed, check_pool, 
 
 __all__ = ["GmmSwin", "ShiftedWindowAttention"]
 
+torch.fx.wrap("add_pos_embed")  # a leaf in this module too (fx patches the calling module's globals)
+
 _SWIN_POOLS = ("", "avg", "max", "avgmax")
 
 

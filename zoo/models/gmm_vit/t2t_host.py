@@ -13,6 +13,8 @@ from ._host import Block, FeedForward, TokenHost, check_img, linear_rates, renam
 
 __all__ = ["GmmT2T"]
 
+torch.fx.wrap("check_img")  # a leaf in this module too (fx patches the calling module's globals)
+
 
 @register_notrace_function
 def sinusoid_pos_embed(n: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:

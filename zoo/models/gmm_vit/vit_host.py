@@ -9,6 +9,8 @@ from ._host import (LUCIDRAINS_STEM_HEAD_RULES, Block, PatchEmbed, TokenHost, ad
 
 __all__ = ["GmmViT"]
 
+torch.fx.wrap("add_pos_embed")  # a leaf in this module too (fx patches the calling module's globals)
+
 
 class GmmViT(TokenHost):
     """The reference's small-data ViT: conv patch embed, pre-norm blocks with inner width
