@@ -226,8 +226,12 @@ def _check_compile(name):
     _loss(out).backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == want.keys()
+    # gradients: 1e-4 of the largest gradient anywhere (a tensor whose gradients are all tiny, e.g.
+    # the stem under a mean loss, only carries fp32 reassociation noise at that scale)
+    scale = max(g.abs().max().item() for g in want.values())
     for n in want:
-        _close(got[n], want[n], f"{backend} grad {n}")
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-4 * scale,
+                                   msg=lambda m, n=n: f"{backend} grad {n}: {m}")
 
 
 def _check_export(name):
