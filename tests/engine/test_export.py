@@ -60,6 +60,8 @@ def test_export_folder_round_trips_through_local_dir(trained, tmp_path):
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlicense: apache-2.0\nlibrary_name: timm\n")
     assert "pipeline_tag: image-classification" in card and "## Intended uses and limitations" in card
+    # the family's paper, cited from its cfg
+    assert "## Citation" in card and "eprint        = {2201.00978}" in card and "PyramidTNT" in card
     assert info["input_size"] == (3, 32, 32) and path == str(out / "model.safetensors")
 
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()

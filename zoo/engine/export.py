@@ -146,9 +146,24 @@ def model_card(*, name: str, architecture: str, pretrained_cfg: Dict[str, Any], 
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in results.items()]
     else:
         lines.append("No evaluation is recorded in this export; `tools/test.py CONFIG CHECKPOINT` measures one.")
+    citation = citation or cfg_citation(architecture, pretrained_cfg)
     if citation:
         lines += ["", "## Citation", "", "```bibtex", citation.strip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def cfg_citation(architecture: str, pretrained_cfg: Dict[str, Any]) -> str:
+    """A BibTeX entry for the paper a cfg names (``paper_name`` + an ``arXiv:`` id in ``paper_ids``);
+    "" when the cfg names none. The family cards in model_cards/ carry the full entries."""
+    ids = pretrained_cfg.get("paper_ids") or ""
+    ids = [ids] if isinstance(ids, str) else list(ids)
+    arxiv = next((i.split(":", 1)[1].strip() for i in ids if str(i).lower().startswith("arxiv:")), None)
+    title = pretrained_cfg.get("paper_name")
+    if not (arxiv and title):
+        return ""
+    key = re.sub(r"\W+", "_", architecture)
+    return "\n".join([f"@misc{{{key},", f"  title         = {{{title}}},", f"  eprint        = {{{arxiv}}},",
+                      "  archivePrefix = {arXiv},", f"  url           = {{https://arxiv.org/abs/{arxiv}}}", "}"])
 
 
 def export_model(model: torch.nn.Module, out_dir: str, *, label_names: Optional[Sequence[str]] = None,
