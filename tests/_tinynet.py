@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.layers import create_classifier
 from timm.models import generate_default_cfgs, register_model
 
-import zoo.hub
+from zoo.models._builder import build_model
 
 ARCH = "zoo_test_tinynet"
 
@@ -75,7 +75,7 @@ def zoo_state_dict(seed: int = 0) -> Dict[str, torch.Tensor]:
 
 
 def zoo_test_tinynet(pretrained: bool = False, **kwargs) -> TinyNet:
-    return zoo.hub.build_model(TinyNet, ARCH, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_model(TinyNet, ARCH, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def register(cfgs: Dict[str, dict]) -> None:

@@ -7,6 +7,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 import zoo.hub
+from zoo.models._builder import build_model
 
 
 class ToyNet(nn.Module):
@@ -80,4 +81,4 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def zoo_test_toynet(pretrained=False, **kwargs):
     feature_cfg = dict(flatten_sequential=True, out_indices=(0, 1, 2), **(kwargs.pop("feature_cfg", None) or {}))
-    return zoo.hub.build_model(ToyNet, "zoo_test_toynet", pretrained, feature_cfg=feature_cfg, **kwargs)
+    return build_model(ToyNet, "zoo_test_toynet", pretrained, feature_cfg=feature_cfg, **kwargs)

@@ -1,5 +1,5 @@
-"""zoo.hub (downloads through torch.hub / huggingface_hub, cache validation, strict loading) and
-tools/convert_weights.py, against real HTTP servers on 127.0.0.1 started here (a plain file server
+"""zoo.hub (downloads through torch.hub / huggingface_hub, cache validation), zoo.models._builder
+(strict loading) and tools/convert_weights.py, against real HTTP servers on 127.0.0.1 started here (a plain file server
 and a Hugging Face Hub endpoint stand-in); nothing touches the network."""
 import hashlib
 import http.server
@@ -21,8 +21,8 @@ import torch
 
 import zoo
 import zoo.hub as hub
-from zoo.hub import (PretrainedMismatchError, PretrainedTagError, WeightsFormatError, WeightsHashMismatchError,
-                     WeightsHTTPError, WeightsUnreachableError, download)
+from zoo.hub import WeightsFormatError, WeightsHashMismatchError, WeightsHTTPError, WeightsUnreachableError, download
+from zoo.models._builder import PretrainedMismatchError, PretrainedTagError
 
 import _tinynet
 
@@ -348,7 +348,7 @@ def test_cfg_records_sha256_and_verification_levels():
 
 
 # ----------------------------------------------------------------------------------------------
-# create_model(..., pretrained=True) through zoo.hub.build_model
+# create_model(..., pretrained=True) through zoo.models._builder.build_model
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -499,7 +499,7 @@ def test_local_file_overlay_head_must_fit_unless_reset(tiny, tmp_path, caplog):
     with pytest.raises(PretrainedMismatchError, match="classifier"):
         timm.create_model("zoo_test_tinynet", pretrained=True, num_classes=7, pretrained_cfg_overlay=dict(file=str(st)))
     # unless the user asks for a new head: logged with the keys left out
-    with caplog.at_level("WARNING", logger="zoo.hub"):
+    with caplog.at_level("WARNING", logger="zoo.models._builder"):
         m = timm.create_model("zoo_test_tinynet", pretrained=True, num_classes=7, pretrained_head="reset",
                               pretrained_cfg_overlay=dict(file=str(st)))
     assert m.fc.weight.shape == (7, 8)

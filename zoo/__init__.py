@@ -20,7 +20,7 @@ class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
 
     It finds nothing itself: for ``timm`` and the zoo's own modules it asks the other finders and
     wraps the loader they return. Registration runs when timm has executed and no zoo module is
-    half-imported any more (``import zoo.hub`` imports timm, and the families need all of zoo.hub).
+    half-imported any more (``zoo.models._builder`` imports timm while ``zoo.models`` is being imported).
     """
 
     def __init__(self):

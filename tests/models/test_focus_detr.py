@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import zoo  # noqa: F401
 from zoo.errors import UnsupportedError
-from zoo.hub import PretrainedMismatchError
+from zoo.models._builder import PretrainedMismatchError
 from zoo.layers.detr_blocks import (HungarianMatcher, PositionEmbeddingSine, build_cdn_queries, cdn_attn_mask,
                                     dn_match_indices, sine_box_embed)
 from zoo.models.focus_detr import (FocusDETR, ForegroundTokenSelector, MaskPredictor, OESMAttention,

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 import zoo  # noqa: F401
 import zoo.kernels as K
-from zoo import hub
 from zoo.errors import UnsupportedError
 from zoo.layers.joint_attention import (PointEmbed, TopologyBias, hop_bias_index, joint_hop_distance)
+from zoo.models._builder import check_state_dict
 from zoo.models.puppeteer import (BOS, EOS, PuppeteerSkeletonGPT, PuppeteerSkinNet, checkpoint_filter_fn,
                                   detokenize_skeleton, skeleton_input, tokenize_skeleton)
 
@@ -245,7 +245,7 @@ def test_skinning_network_matches_reference_and_loads_upstream_keys():
         p.data.add_(0.05 * torch.randn_like(p))
     model = PuppeteerSkinNet(dim=32, depth=2, heads=2, dim_head=8, ff_mult=4, part_dim=12).eval()
     sd = checkpoint_filter_fn(_upstream_state_dict(ref), model)
-    hub.check_state_dict(sd, model)
+    check_state_dict(sd, model)
     model.load_state_dict(sd)
     points, feats, skel, shape, parents, valid = _skin_inputs()
     dist = torch.from_numpy(np.stack([_scipy_dist(p.tolist(), 7) for p in parents])).float()
@@ -422,7 +422,7 @@ def test_skeleton_checkpoint_filter_and_pretrained_file(tmp_path):
         up[k] = v.clone()
     up["point_encoder.model.weight"] = torch.zeros(2)
     sd = checkpoint_filter_fn({"model": up}, m)
-    hub.check_state_dict(sd, m)
+    check_state_dict(sd, m)
     path = tmp_path / "puppeteer_skeleton.pth"
     torch.save({"model": up}, path)
     m2 = timm.create_model("puppeteer_skeleton_small", pretrained=True, dim=32, depth=2, num_heads=4, ffn_dim=64,

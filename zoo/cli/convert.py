@@ -97,7 +97,7 @@ def convert(model_name: str, checkpoint: os.PathLike, out_dir: os.PathLike, *, k
     """Convert and write; return (output path, full sha256). Raises :class:`ConversionError`."""
     import timm
     import zoo  # noqa: F401  (registers the zoo families)
-    from zoo.hub import PretrainedMismatchError, check_state_dict
+    from zoo.models._builder import PretrainedMismatchError, call_filter_fn, check_state_dict
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     arch = model_name.split(".", 1)[0]
@@ -111,7 +111,6 @@ def convert(model_name: str, checkpoint: os.PathLike, out_dir: os.PathLike, *, k
 
     fn = _filter_fn(model) if use_filter else None
     if fn is not None:
-        from zoo.hub import call_filter_fn
         sd = call_filter_fn(fn, sd, model)
         log(f"applied {type(model).__module__}.checkpoint_filter_fn")
     elif use_filter:

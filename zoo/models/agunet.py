@@ -41,6 +41,7 @@ from timm.models import generate_default_cfgs, register_model, resolve_pretraine
 from timm.models._features import FeatureGetterNet, feature_take_indices
 
 from zoo import hub
+from zoo.models._builder import build_model
 from zoo.errors import NoImageDataConfig, NotScriptable, UnsupportedError
 from zoo.kernels import attention
 
@@ -602,10 +603,10 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> AttentionUNet3d
     # the model's cfg after the build. features_only: every encoder level and the bottleneck.
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
     cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay)
-    model = hub.build_model(AttentionUNet3d, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                            pretrained_cfg_overlay=dict(overlay, input_size=None),
-                            feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(len(kwargs['filters'])))),
-                            **kwargs)
+    model = build_model(AttentionUNet3d, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                        pretrained_cfg_overlay=dict(overlay, input_size=None),
+                        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(len(kwargs['filters'])))),
+                        **kwargs)
     target = model.model if isinstance(model, FeatureGetterNet) else model
     data_cfg = NoImageDataConfig(dict(target.pretrained_cfg, input_size=cfg.input_size), _DATA_PIPELINE)
     target.pretrained_cfg = target.default_cfg = data_cfg

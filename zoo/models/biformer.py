@@ -27,7 +27,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from zoo.errors import NotScriptable
-from zoo.hub import build_model, cfg
+from zoo.hub import cfg
+from zoo.models._builder import build_model
 from zoo.layers.routing_attention import BiLevelRoutingAttention, LePEAttention
 
 __all__ = ["BiFormer"]

@@ -36,7 +36,9 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
 
 from zoo.errors import NotScriptable
-from zoo.hub import build_model, cfg as hub_cfg
+from zoo.kernels import attention
+from zoo.hub import cfg as hub_cfg
+from zoo.models._builder import build_model
 from zoo.layers.inplace import gelu_approximate, gelu_fresh, residual_fresh
 from zoo.layers.reparam import BnConvSkip, ConvBn, RepDwConv, reparameterize_modules
 

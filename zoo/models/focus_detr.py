@@ -35,7 +35,8 @@ from torchvision.ops import sigmoid_focal_loss
 
 import zoo.kernels as _kernels
 from zoo.errors import NotScriptable, UnsupportedError
-from zoo.hub import build_model, cfg as hub_cfg
+from zoo.hub import cfg as hub_cfg
+from zoo.models._builder import build_model
 from zoo.kernels.msda import MultiScaleDeformableAttention
 from zoo.layers.detr_blocks import (FFN, MLP, HungarianMatcher, PositionEmbeddingSine, box_cxcywh_to_xyxy,
                                     build_cdn_queries, cdn_attn_mask, dn_match_indices, inverse_sigmoid,

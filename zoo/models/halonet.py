@@ -32,6 +32,7 @@ from timm.models.byobnet import (
     BottleneckBlock, ByoBlockCfg, ByoModelCfg, ByobNet, LayerFn, SelfAttnBlock, create_shortcut, interleave_blocks)
 
 from zoo import hub
+from zoo.models._builder import build_model
 from zoo.layers.halo_attention import BottleneckRelPosAttention, HaloAttention
 from zoo.layers.inplace import FreshConvNormAct, norm_act_fresh, residual_fresh
 
@@ -315,7 +316,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
 def _create_halonet(variant: str, cfg_variant: Optional[str] = None, pretrained: bool = False, **kwargs) -> ByobNet:
     cfg_key = cfg_variant or variant.replace('_zoo', '')
-    model = hub.build_model(
+    model = build_model(
         ByobNet, variant, pretrained,
         model_cfg=model_cfgs[cfg_key],
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -29,7 +29,8 @@ from timm.models._features_fx import register_notrace_function
 
 import zoo.kernels as _kernels
 from zoo.errors import NoClassifierApi, NoImageDataConfig, NotScriptable, UnsupportedError
-from zoo.hub import build_model, cfg as hub_cfg
+from zoo.hub import cfg as hub_cfg
+from zoo.models._builder import build_model
 from zoo.layers.dit_blocks import DiTBlock, TimestepEmbedder
 
 __all__ = ["PartCrafterDiT", "PackedParts", "pack_parts", "part_ids_for", "checkpoint_filter_fn",

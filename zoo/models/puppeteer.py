@@ -30,7 +30,8 @@ from timm.models._manipulate import checkpoint as _checkpoint
 
 import zoo.kernels as _kernels
 from zoo.errors import NoClassifierApi, NoImageDataConfig, NotScriptable, UnsupportedError
-from zoo.hub import build_model, cfg as hub_cfg
+from zoo.hub import cfg as hub_cfg
+from zoo.models._builder import build_model
 from zoo.layers.joint_attention import (HOP_CLIP, MaskedAttention, PointEmbed, PreNorm, TopologyBias, geglu_mlp,
                                         hop_bias_index, joint_hop_distance)
 from zoo.layers.mha import kernel_attention

@@ -60,6 +60,7 @@ from timm.models._features_fx import register_notrace_function
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_fn
 
+from zoo.models._builder import build_model
 from zoo import hub
 from zoo.errors import NotScriptable, check_batch
 from zoo.kernels import Layout, attention
@@ -492,8 +493,8 @@ def _create_sparsifiner(variant: str, pretrained: bool = False, model_cls=Sparsi
     out_indices = kwargs.pop("out_indices", 3)
     feature_cfg = dict(feature_cls="getter", out_indices=out_indices)
     feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
-    return hub.build_model(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                           feature_cfg=feature_cfg, **kwargs)
+    return build_model(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                       feature_cfg=feature_cfg, **kwargs)
 
 
 def _cfg(url: str = "", sha256: Optional[str] = None, **kwargs) -> Dict[str, Any]:

@@ -34,6 +34,7 @@ from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint
 
 from zoo import hub
+from zoo.models._builder import build_model
 from zoo.errors import NotScriptable, check_batch
 from zoo.layers.inplace import gelu_approximate
 from zoo.layers.mha import MultiHeadAttention, inference_linear, linear_residual
@@ -925,7 +926,7 @@ def _create(cls, variant: str, pretrained: bool = False, **kwargs):
     else:
         feature_cfg["out_indices"] = kwargs.pop("out_indices", (0, 1, 2, 3))
     feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
-    return hub.build_model(
+    return build_model(
         cls, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=feature_cfg,

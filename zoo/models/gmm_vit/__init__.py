@@ -41,6 +41,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from zoo import hub
+from zoo.models._builder import build_model
 
 from . import cait_host, pit_host, swin_host, t2t_host, vit_host
 from .cait_host import GmmCaiT, TalkingHeadsAttention, talking_heads_attention
@@ -121,8 +122,8 @@ def _create(cls, variant: str, pretrained: bool = False, **kwargs):
     n = len(kwargs["depths"]) if "depths" in kwargs else kwargs["depth"]
     feature_cfg = dict(feature_cls="getter", out_indices=kwargs.pop("out_indices", tuple(range(n))))
     feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
-    return hub.build_model(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                           feature_cfg=feature_cfg, **kwargs)
+    return build_model(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                       feature_cfg=feature_cfg, **kwargs)
 
 
 _VIT = dict(embed_dim=192, depth=9, num_heads=12, head_dim=16, mlp_ratio=2.)
