@@ -853,21 +853,33 @@ _DETREX = [
     (r"^transformer\.decoder\.ref_point_head\.", "decoder.ref_point_head."),
     (r"^transformer\.decoder\.norm\.", "decoder.norm."),
 ]
-# aliases of the shared heads that detrex registers a second time
-_ALIASES = (r"^transformer\.decoder\.(class|bbox)_embed\.", r"^transformer\.encoder\.enhance_MCSP\.")
+# aliases of the shared heads that detrex registers again: the decoder's copies of the heads and the
+# encoder's MCSP list (every entry is the two-stage class head, kept both on the encoder and on the detector)
+_ALIASES = (r"^transformer\.decoder\.(class|bbox)_embed\.", r"^transformer\.encoder\.enhance_MCSP\.",
+            r"^enhance_MCSP_layerlist\.")
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[FocusDETR] = None):
     """detrex / detectron2 Focus-DETR checkpoint -> this module's keys.
 
     Unwraps ``{"model": ...}``, maps detectron2 ResNet names to timm's, detrex transformer names to
-    ours, and drops the aliased copies of the shared heads (checking they equal the originals).
-    Already-converted state dicts pass through.
+    ours, and drops the aliased copies of the shared heads (checking they equal the originals): the
+    decoder's ``class_embed`` / ``bbox_embed`` and the MCSP lists ``enhance_MCSP_layerlist`` /
+    ``transformer.encoder.enhance_MCSP``, whose entries are all the two-stage class head
+    ``class_embed.<dec_layers>``. Already-converted state dicts pass through. Checked against the
+    layouts detrex builds for its R50 and R101 configs; detrex's Swin-backbone checkpoints are
+    refused with an error (their backbone has per-output LayerNorms this model's timm Swin lacks).
     """
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
     if not any(k.startswith(("transformer.", "backbone.stem.", "backbone.res")) for k in state_dict):
         return _drop_mismatched_classifier(state_dict, model)
+    swin = sorted(k for k in state_dict if re.match(r"^backbone\.(layers\.\d+|norm\d)\.", k))
+    if swin:
+        raise UnsupportedError(
+            f"checkpoint has a detectron2 SwinTransformer backbone ({swin[0]}, ...): its feature maps pass through "
+            "per-output LayerNorms (backbone.norm1-3) that the timm Swin features of focus_detr_swin_* do not "
+            "have, so these weights cannot be reproduced; the ResNet layouts (focus_detr_r50 / focus_detr_r101) load")
     out = {}
     for k, v in state_dict.items():
         if any(re.match(a, k) for a in _ALIASES):
@@ -879,10 +891,17 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[Fo
                 nk = new
                 break
         out[nk] = v
+    heads = [int(m[1]) for k in out for m in [re.match(r"^class_embed\.(\d+)\.", k)] if m]
+    two_stage = max(heads, default=None)
     for k, v in state_dict.items():
         m = re.match(r"^transformer\.decoder\.(class|bbox)_embed\.(.*)$", k)
-        if m and f"{m[1]}_embed.{m[2]}" in out and not torch.equal(out[f"{m[1]}_embed.{m[2]}"], v):
-            raise ValueError(f"checkpoint alias {k} differs from {m[1]}_embed.{m[2]}; the heads are meant to be shared")
+        if m:
+            orig = f"{m[1]}_embed.{m[2]}"
+        else:
+            m = re.match(r"^(?:transformer\.encoder\.enhance_MCSP|enhance_MCSP_layerlist)\.\d+\.(.*)$", k)
+            orig = f"class_embed.{two_stage}.{m[1]}" if m and two_stage is not None else None
+        if orig is not None and orig in out and v.device.type != "meta" and not torch.equal(out[orig], v):
+            raise ValueError(f"checkpoint alias {k} differs from {orig}; the heads are meant to be shared")
     return _drop_mismatched_classifier(out, model)
 
 
