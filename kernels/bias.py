@@ -11,6 +11,9 @@ looks at modifier types:
   `triton_grad_buffers(...)` and `triton_grads(...)`: kernel arguments and parameter gradients.
 - `backend_support(backend)`: (ok, reason).
 
+Under torch.fx symbolic tracing a modifier built from traced tensors (a parameter's proxy) is
+rebuilt by the traced module at run time (kernels/tracing.py).
+
 Logits are `scale·q·kᵀ`, then the score mod (×m or +m), then the bias (+b). A plain tensor bias
 is wrapped in `DenseBias` by the op. No (Lq, Lk) tensor is built unless the caller passed one.
 """
@@ -22,11 +25,7 @@ from typing import Dict, List, Optional, Tuple, Type
 import torch
 import torch.nn.functional as F
 
-def _fx_constant(obj, tracer):
-    name = tracer.get_fresh_qualname("_zoo_kernels_arg_")
-    setattr(tracer.root, name, obj)
-    return tracer.create_node("get_attr", name, (), {})
-
+from .tracing import defer_under_fx, fx_create_arg
 
 __all__ = ["Modifier", "DenseBias", "IndexedBias", "RelPosBias", "GaussianMixture", "TalkingHeads",
            "combine_reference_terms", "combine_dense_terms"]
@@ -52,6 +51,8 @@ class Modifier:
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
+        if "__init__" in cls.__dict__:          # built from traced values under torch.fx: deferred
+            cls.__init__ = defer_under_fx(cls.__dict__["__init__"])
         if cls.__dict__.get("kind", "base") != "base":
             cls.code = zlib.crc32(("mod:" + cls.kind).encode()) & 0x7FFFFFFF
             _REGISTRY[cls.code] = cls
@@ -61,8 +62,9 @@ class Modifier:
         return _REGISTRY[code]
 
     def __fx_create_arg__(self, tracer):
-        """torch.fx: kept as a constant attribute of the traced module (the op is one graph leaf)."""
-        return _fx_constant(self, tracer)
+        """torch.fx: a constant attribute of the traced module, or, when built from traced values,
+        a node that builds it at run time (kernels/tracing.py)."""
+        return fx_create_arg(self, tracer)
 
     # -- tensors and flattening -------------------------------------------------------------------
     def tensors(self) -> List[torch.Tensor]:  # pragma: no cover - abstract

@@ -21,6 +21,7 @@ import torch
 
 from .bias import DenseBias, GaussianMixture, Modifier, TalkingHeads
 from .layouts.base import Layout
+from .tracing import find_tracer, is_fx_symbolic_tracing
 
 __all__ = ["attention", "BACKENDS", "route", "prefer_gather"]
 
@@ -132,8 +133,12 @@ def _validate(q, k, v, layout, scale, bias, score_mod, backend, head_mix, dropou
     return mods
 
 
-def _traced(*ts):
-    return next((t for t in ts if isinstance(t, torch.fx.Proxy)), None)
+def _fx_tracer(q, k, v, *args):
+    """The torch.fx tracer when q, k, v or another argument is a traced value, else None."""
+    for t in (q, k, v):
+        if isinstance(t, torch.fx.Proxy):
+            return t.tracer
+    return find_tracer(args) if is_fx_symbolic_tracing() else None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Optional[Layout] = None, *,
@@ -144,9 +149,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Optiona
 
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> (B, H, Lq, Dv) [, lse (B, H, Lq) fp32].
     """
-    proxy = _traced(q, k, v)
-    if proxy is not None:      # torch.fx symbolic tracing: the op is one leaf node
-        return proxy.tracer.create_proxy(
+    tracer = _fx_tracer(q, k, v, layout, bias, score_mod, head_mix)
+    if tracer is not None:      # torch.fx symbolic tracing: the op is one leaf node
+        return tracer.create_proxy(
             "call_function", attention, (q, k, v, layout),
             dict(scale=scale, bias=bias, score_mod=score_mod, return_lse=return_lse, backend=backend,
                  head_mix=head_mix, dropout_p=dropout_p))

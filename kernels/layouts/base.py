@@ -16,7 +16,9 @@ answers every backend's question about it, so no backend looks at layout types:
   used by the router when a backend cannot take the layout itself.
 
 A backend can run a layout iff the layout overrides that backend's lowering (`lowers_to`).
-Builders skip their data-dependent range checks while `torch.compile` traces them.
+Builders skip their data-dependent range checks while `torch.compile` traces them. Under torch.fx
+symbolic tracing a layout built from traced values is rebuilt by the traced module at run time
+(kernels/tracing.py).
 """
 from __future__ import annotations
 
@@ -25,11 +27,7 @@ from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 
-def _fx_constant(obj, tracer):
-    name = tracer.get_fresh_qualname("_zoo_kernels_arg_")
-    setattr(tracer.root, name, obj)
-    return tracer.create_node("get_attr", name, (), {})
-
+from ..tracing import defer_under_fx, fx_create_arg
 
 __all__ = ["Layout", "check_bool", "new_unchecked", "layout_class", "triton_kv_valid", "unsupported"]
 
@@ -73,6 +71,8 @@ class Layout:
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
+        if "__init__" in cls.__dict__:          # built from traced values under torch.fx: deferred
+            cls.__init__ = defer_under_fx(cls.__dict__["__init__"])
         if cls.__dict__.get("kind", "base") != "base":
             cls.code = zlib.crc32(cls.kind.encode()) & 0x7FFFFFFF
             other = _REGISTRY.get(cls.code)
@@ -81,8 +81,9 @@ class Layout:
             _REGISTRY[cls.code] = cls
 
     def __fx_create_arg__(self, tracer):
-        """torch.fx: kept as a constant attribute of the traced module (the op is one graph leaf)."""
-        return _fx_constant(self, tracer)
+        """torch.fx: a constant attribute of the traced module, or, when built from traced values,
+        a node that builds it at run time (kernels/tracing.py)."""
+        return fx_create_arg(self, tracer)
 
     # -- validation and oracle ------------------------------------------------------------------
     def check(self, B: int, H: int, Lq: int, Lk: int):
