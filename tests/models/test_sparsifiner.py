@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import zoo  # noqa: F401
+from zoo.kernels import attention
 from zoo.layers.connectivity import ConnectivityPredictor, keep_count, resample_token_proj, topk_connectivity
-from zoo.models.sparsifiner import Sparsifiner, checkpoint_filter_fn, sparse_attention
+from zoo.models.sparsifiner import Sparsifiner, checkpoint_filter_fn
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,7 +81,7 @@ def test_kernel_path_equals_masked_dense_forward_backward():
     conn = topk_connectivity(torch.randn(B, H, N - 1, N, dtype=torch.float64), 0.25)
     mask = conn.to_dense_mask()
     scale = D ** -0.5
-    out = sparse_attention(q, k, v, conn, scale)
+    out = attention(q, k, v, conn, scale=scale)
     want = _masked_dense(q, k, v, mask, scale)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(out)

@@ -19,30 +19,10 @@ from timm.models._features_fx import register_notrace_function
 
 import zoo.kernels as _kernels
 
-__all__ = ["GaussianMixtureMask", "GmmAttention", "gmm_kernel_attention", "gmm_dense_mask", "GMM_EPS"]
+__all__ = ["GaussianMixtureMask", "GmmAttention", "gmm_dense_mask", "GMM_EPS"]
 
 GMM_EPS = 1e-5
 _MODES = ("mul", "add")
-
-
-@torch.fx.wrap
-@register_notrace_function
-def gmm_kernel_attention(q, k, v, alpha: Optional[torch.Tensor], sigma: Optional[torch.Tensor], grid,
-                         mode: str = "mul", num_prefix_tokens: int = 0, scale: Optional[float] = None,
-                         bias: Optional[torch.Tensor] = None, head_repeat: int = 1, dropout_p: float = 0.0):
-    """Leaf call into the op (kept out of torch.fx graphs: the score mod is built from runtime values).
-
-    ``alpha``/``sigma`` (H, K) are the *effective* mixture parameters (sigma already includes eps);
-    None means no score mod. ``head_repeat`` tiles them when several windows are folded into the
-    head dimension (Swin).
-    """
-    score_mod = None
-    if alpha is not None:
-        if head_repeat > 1:
-            alpha, sigma = alpha.repeat(head_repeat, 1), sigma.repeat(head_repeat, 1)
-        score_mod = _kernels.GaussianMixture(alpha, sigma, (int(grid[0]), int(grid[1])), mode=mode,
-                                             num_prefix_tokens=int(num_prefix_tokens))
-    return _kernels.attention(q, k, v, scale=scale, bias=bias, score_mod=score_mod, dropout_p=dropout_p)
 
 
 @torch.fx.wrap
@@ -84,6 +64,16 @@ class GaussianMixtureMask(nn.Module):
     def effective(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(alpha, sqrt(sigma^2 + eps)): the op's parameters that reproduce the reference exactly."""
         return self.alpha, torch.sqrt(self.sigma * self.sigma + self.eps)
+
+    def score_mod(self, grid: Sequence[int], num_prefix_tokens: int = 0,
+                  head_repeat: int = 1) -> _kernels.GaussianMixture:
+        """The op's score mod for ``num_prefix_tokens`` leading tokens and a row-major ``grid``
+        (gh, gw) of patches. ``head_repeat`` tiles the heads when several windows are folded into
+        the head dimension (Swin)."""
+        alpha, sigma = self.effective()
+        if head_repeat > 1:
+            alpha, sigma = alpha.repeat(head_repeat, 1), sigma.repeat(head_repeat, 1)
+        return _kernels.GaussianMixture(alpha, sigma, grid, mode=self.mode, num_prefix_tokens=num_prefix_tokens)
 
     def dense(self, grid: Sequence[int]) -> torch.Tensor:
         alpha, sigma = self.effective()
@@ -130,12 +120,9 @@ class GmmAttention(nn.Module):
         """x (B, N, dim) -> (attention output (B, N, inner), v (B, H, N, head_dim))."""
         B, N, _ = x.shape
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-        alpha = sigma = None
-        if self.gmm is not None:
-            alpha, sigma = self.gmm.effective()
-        mode = self.gmm.mode if self.gmm is not None else "mul"
-        out = gmm_kernel_attention(q, k, v, alpha, sigma, grid, mode, self.num_prefix_tokens, self.scale,
-                                   dropout_p=self.attn_drop if self.training else 0.0)
+        score_mod = self.gmm.score_mod(grid, self.num_prefix_tokens) if self.gmm is not None else None
+        out = _kernels.attention(q, k, v, scale=self.scale, score_mod=score_mod,
+                                 dropout_p=self.attn_drop if self.training else 0.0)
         return out.transpose(1, 2).reshape(B, N, self.inner_dim), v
 
     def forward(self, x: torch.Tensor, grid) -> torch.Tensor:

@@ -24,17 +24,10 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 import zoo.kernels as _kernels
 from zoo.layers.inplace import gelu_fresh
 
-__all__ = ["MultiHeadAttention", "kernel_attention", "linear_residual", "inference_linear"]
+__all__ = ["MultiHeadAttention", "linear_residual", "inference_linear"]
 
 _SPLITS = ("qkv", "qk_v", "q_kv")
 torch.fx.wrap("gelu_fresh")     # runtime autograd branch: a leaf for torch.fx
-
-
-@torch.fx.wrap  # a leaf wherever it is called from (also from subclasses defined elsewhere)
-@register_notrace_function
-def kernel_attention(q, k, v, layout=None, scale: Optional[float] = None, bias=None):
-    """Leaf call into the op (kept out of torch.fx graphs: the op dispatches on runtime objects)."""
-    return _kernels.attention(q, k, v, layout, scale=scale, bias=bias)
 
 
 # oneDNN matmul with fused post-ops (the op Inductor's CPU backend emits); inference only, no autograd

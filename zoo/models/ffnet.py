@@ -27,46 +27,20 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerScale2d, SEModule, get_act_layer, trunc_normal_
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._features_fx import register_notrace_function
 
 from zoo.errors import NotScriptable
-from zoo.kernels import attention
 from zoo.hub import cfg as hub_cfg
+from zoo.kernels import attention
 from zoo.models._builder import build_model
 from zoo.layers.inplace import gelu_approximate, gelu_fresh, residual_fresh
 from zoo.layers.reparam import BnConvSkip, ConvBn, RepDwConv, reparameterize_modules
 
 __all__ = ['MetaMixer', 'FFBlock', 'FFNet', 'ffnified_attention', 'conv_ffn', 'conv_self_attention']
-
-
-def _attend_nchw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: Optional[float]):
-    """Dense multi-head softmax attention between the pixels of NCHW maps, via zoo.kernels."""
-    from zoo.kernels import attention  # imported on use: the op lives in a sibling package
-    B, C, H, W = q.shape
-    Cv = v.shape[1]
-    q = q.reshape(B, num_heads, C // num_heads, H * W).transpose(-1, -2)
-    k = k.reshape(B, num_heads, C // num_heads, -1).transpose(-1, -2)
-    v = v.reshape(B, num_heads, Cv // num_heads, -1).transpose(-1, -2)
-    out = attention(q, k, v, scale=scale)  # (B, heads, HW, Dv), tokens row-major
-    return out.transpose(-1, -2).reshape(B, Cv, H, W)
-
-
-def _attend_nlc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: Optional[float]):
-    """Dense multi-head softmax attention between (B, N, C) token sequences, via zoo.kernels."""
-    from zoo.kernels import attention
-    B, N, C = q.shape
-    Cv = v.shape[-1]
-    q = q.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
-    k = k.reshape(B, k.shape[1], num_heads, C // num_heads).transpose(1, 2)
-    v = v.reshape(B, v.shape[1], num_heads, Cv // num_heads).transpose(1, 2)
-    out = attention(q, k, v, scale=scale)
-    return out.transpose(1, 2).reshape(B, N, Cv)
 
 
 def _gelu_mode(act: nn.Module, producer: nn.Module) -> Optional[str]:
@@ -78,8 +52,6 @@ def _gelu_mode(act: nn.Module, producer: nn.Module) -> Optional[str]:
     return gelu_approximate(act)
 
 
-register_notrace_function(_attend_nchw)
-register_notrace_function(_attend_nlc)
 # a leaf for any torch.fx tracer, not only timm's (it branches on runtime autograd state)
 torch.fx.wrap('gelu_fresh')
 
@@ -133,10 +105,28 @@ class MetaMixer(nn.Module):
         self.scale = scale
         self.token_layout = token_layout
 
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Dense multi-head softmax attention between the tokens of q and those of k / v: NCHW
+        maps (every pixel a token, row-major) or (B, N, C) sequences, as ``token_layout`` says."""
+        h = self.num_heads
+        if self.token_layout == 'nchw':
+            B, C, H, W = q.shape
+            Cv = v.shape[1]
+            q = q.reshape(B, h, C // h, H * W).transpose(-1, -2)
+            k = k.reshape(B, h, C // h, -1).transpose(-1, -2)
+            v = v.reshape(B, h, Cv // h, -1).transpose(-1, -2)
+            out = attention(q, k, v, scale=self.scale)  # (B, heads, HW, Dv)
+            return out.transpose(-1, -2).reshape(B, Cv, H, W)
+        B, N, C = q.shape
+        Cv = v.shape[-1]
+        q = q.reshape(B, N, h, C // h).transpose(1, 2)
+        k = k.reshape(B, k.shape[1], h, C // h).transpose(1, 2)
+        v = v.reshape(B, v.shape[1], h, Cv // h).transpose(1, 2)
+        return attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(B, N, Cv)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic:
-            attend = _attend_nchw if self.token_layout == 'nchw' else _attend_nlc
-            out = attend(self.query(x), self.key(x), self.value(x), self.num_heads, self.scale)
+            out = self._attend(self.query(x), self.key(x), self.value(x))
         else:
             # no intermediate outlives its consumer (a held query map raised peak memory)
             gelu = _gelu_mode(self.act, self.key)

@@ -34,7 +34,6 @@ from zoo.hub import cfg as hub_cfg
 from zoo.models._builder import build_model
 from zoo.layers.joint_attention import (HOP_CLIP, MaskedAttention, PointEmbed, PreNorm, TopologyBias, geglu_mlp,
                                         hop_bias_index, joint_hop_distance)
-from zoo.layers.mha import kernel_attention
 
 __all__ = ["SkinningBlock", "PuppeteerSkinNet", "OPTDecoderLayer", "SkeletonDecoder", "PuppeteerSkeletonGPT",
            "skeleton_input", "tokenize_skeleton", "detokenize_skeleton", "checkpoint_filter_fn",
@@ -287,7 +286,7 @@ class OPTSelfAttention(nn.Module):
         q, k, v = (m(x).unflatten(-1, (H, D)).transpose(1, 2) for m in (self.q_proj, self.k_proj, self.v_proj))
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        out = kernel_attention(q, k, v, layout, D ** -0.5, None)
+        out = _kernels.attention(q, k, v, layout, scale=D ** -0.5)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, C)), (k, v)
 
 

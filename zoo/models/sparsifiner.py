@@ -56,12 +56,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, Format, LayerNorm, PatchEmbed, nchw_to, trunc_normal_
 from timm.layers.trace_utils import _assert
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features_fx import register_notrace_function
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_fn
 
-from zoo.models._builder import build_model
 from zoo import hub
+from zoo.models._builder import build_model
 from zoo.errors import NotScriptable, check_batch
 from zoo.kernels import Layout, attention
 from zoo.layers.connectivity import ConnectivityPredictor, keep_count, resample_token_proj, topk_connectivity
@@ -72,15 +71,6 @@ __all__ = ["Sparsifiner", "SparsifinerLVViT", "SparsifinerAttention", "ConvStemP
 ATTN_MODES = ("sparse", "recon", "dense")
 
 
-@register_notrace_function
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, connectivity: Optional[Layout],
-                     scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """Attention restricted to the connectivity layout (`topk_connectivity`); None = dense. A leaf
-    under fx: the layout is built from traced tensors."""
-    return attention(q, k, v, connectivity, scale=scale, dropout_p=dropout_p)
-
-
-@register_notrace_function
 def attention_rows(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Dense attention probabilities (B, H, Lq, N), computed by the kernel with v = identity."""
     N = k.shape[2]
@@ -151,10 +141,10 @@ class SparsifinerAttention(Attention):
                 aux["cls_attn"] = attention_rows(q[:, :, :self.num_prefix_tokens].detach(), k.detach(), self.scale)
         if self.attn_mode == "sparse":
             approx, conn = self.predict_connectivity(q, k, token_pos, num_patches)
-            o = sparse_attention(q, k, v, conn, self.scale, self._dropout_p())
+            o = attention(q, k, v, conn, scale=self.scale, dropout_p=self._dropout_p())
             aux.update(approx_attn=approx, connectivity=conn)
         else:
-            o = sparse_attention(q, k, v, None, self.scale, self._dropout_p())
+            o = attention(q, k, v, scale=self.scale, dropout_p=self._dropout_p())
             if self.attn_mode == "recon":
                 aux["approx_attn"] = self.mask_predictor(q, k, recon=True)
                 with torch.no_grad():
@@ -169,7 +159,7 @@ class SparsifinerAttention(Attention):
         conn = None
         if self.attn_mode == "sparse":
             conn = self.predict_connectivity(q, k)[1]
-        return self._out(sparse_attention(q, k, v, conn, self.scale, self._dropout_p()))
+        return self._out(attention(q, k, v, conn, scale=self.scale, dropout_p=self._dropout_p()))
 
 
 class Sparsifiner(NotScriptable, VisionTransformer):

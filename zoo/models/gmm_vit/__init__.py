@@ -44,14 +44,14 @@ from zoo import hub
 from zoo.models._builder import build_model
 
 from . import cait_host, pit_host, swin_host, t2t_host, vit_host
-from .cait_host import GmmCaiT, TalkingHeadsAttention, talking_heads_attention
+from .cait_host import GmmCaiT, TalkingHeadsAttention
 from .pit_host import GmmPiT
 from .swin_host import GmmSwin, ShiftedWindowAttention
 from .t2t_host import GmmT2T
 from .vit_host import GmmViT
 
 __all__ = ["GmmViT", "GmmSwin", "GmmCaiT", "GmmPiT", "GmmT2T", "checkpoint_filter_fn",
-           "ShiftedWindowAttention", "TalkingHeadsAttention", "talking_heads_attention"]
+           "ShiftedWindowAttention", "TalkingHeadsAttention"]
 
 
 # ----------------------------------------------------------------------------------------------

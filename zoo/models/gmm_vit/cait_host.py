@@ -4,7 +4,6 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 from timm.layers import DropPath
-from timm.models._features_fx import register_notrace_function
 
 import zoo.kernels as _kernels
 from zoo.layers.gmm_attention import GaussianMixtureMask
@@ -12,26 +11,9 @@ from zoo.layers.gmm_attention import GaussianMixtureMask
 from ._host import (LUCIDRAINS_STEM_HEAD_RULES, FeedForward, PatchEmbed, TokenHost, add_pos_embed,
                     prenorm_pair_rules, reference_patch_linear, rename_reference, xavier_init)
 
-__all__ = ["GmmCaiT", "TalkingHeadsAttention", "talking_heads_attention"]
+__all__ = ["GmmCaiT", "TalkingHeadsAttention"]
 
 torch.fx.wrap("add_pos_embed")  # a leaf in this module too (fx patches the calling module's globals)
-
-
-@torch.fx.wrap
-@register_notrace_function
-def talking_heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                            mix_pre: torch.Tensor, mix_post: torch.Tensor, alpha: Optional[torch.Tensor] = None,
-                            sigma: Optional[torch.Tensor] = None, grid=(0, 0), gmm_mode: str = "mul") -> torch.Tensor:
-    """Talking-heads attention, all in zoo.kernels.attention (`head_mix`, and the mixture as a score mod):
-
-    logits_g = sum_h mix_pre[h, g] · (scale q_h k_h^T ⊙ gmm_h)   (``gmm_mode='add'``: + gmm_h);
-    A_g = softmax(logits_g); out_g = (sum_h mix_post[h, g] · A_h) v_g.
-    """
-    sm = None
-    if alpha is not None:
-        sm = _kernels.GaussianMixture(alpha, sigma, (int(grid[0]), int(grid[1])), mode=gmm_mode)
-    return _kernels.attention(q, k, v, scale=scale, score_mod=sm,
-                              head_mix=_kernels.TalkingHeads(mix_pre, mix_post))
 
 
 class TalkingHeadsAttention(nn.Module):
@@ -57,11 +39,9 @@ class TalkingHeadsAttention(nn.Module):
         ctx = x if context is None else context
         q = self.q(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
         k, v = self.kv(ctx).unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-        alpha = sigma = None
-        mode = "mul"
-        if self.gmm is not None:
-            (alpha, sigma), mode = self.gmm.effective(), self.gmm.mode
-        out = talking_heads_attention(q, k, v, self.scale, self.mix_pre, self.mix_post, alpha, sigma, grid, mode)
+        score_mod = self.gmm.score_mod(grid) if self.gmm is not None else None
+        out = _kernels.attention(q, k, v, scale=self.scale, score_mod=score_mod,
+                                 head_mix=_kernels.TalkingHeads(self.mix_pre, self.mix_post))
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, Lq, -1)))
 
 

@@ -7,7 +7,8 @@ from timm.layers import ClassifierHead, DropPath, trunc_normal_
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 from timm.models._manipulate import checkpoint_seq
 
-from zoo.layers.gmm_attention import GaussianMixtureMask, gmm_kernel_attention
+import zoo.kernels as _kernels
+from zoo.layers.gmm_attention import GaussianMixtureMask
 
 from ._host import FeedForward, GmmHost, PatchEmbed, add_pos_embed, check_pool, linear_rates, rename_reference, \
     trunc_init
@@ -108,11 +109,8 @@ class ShiftedWindowAttention(nn.Module):
         else:
             bias = bias.expand(nW, nh, N, N)
         bias = bias.reshape(1, nW * nh, N, N)
-        alpha = sigma = None
-        if self.gmm is not None:
-            alpha, sigma = self.gmm.effective()
-        mode = self.gmm.mode if self.gmm is not None else "mul"
-        out = gmm_kernel_attention(q, k, v, alpha, sigma, (ws, ws), mode, 0, self.scale, bias, nW)
+        score_mod = self.gmm.score_mod((ws, ws), head_repeat=nW) if self.gmm is not None else None
+        out = _kernels.attention(q, k, v, scale=self.scale, bias=bias, score_mod=score_mod)
         out = out.view(B, nW, nh, N, hd).permute(0, 1, 3, 2, 4).reshape(B * nW, ws, ws, C)
         out = self.proj_drop(self.proj(out))
         x = _window_reverse(out, ws, H, W)
