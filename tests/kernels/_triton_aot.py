@@ -24,6 +24,37 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
+def _type(fn, name, val, is_const):
+    """(signature entry, constexpr value or None) of one argument, as the JIT specializes it. Tuples
+    (argument bundles) are typed element by element; a NamedTuple keeps its class so fields read
+    by name in the kernel. JSON form: a tuple is {"tuple": class path or None, "items": [...]}."""
+    if isinstance(val, tuple) and not is_const:
+        cls = None if type(val) is tuple else f"{type(val).__module__}:{type(val).__qualname__}"
+        parts = [_type(fn, name, v, False) for v in val]
+        return dict(tuple=cls, items=[p[0] for p in parts]), dict(tuple=cls, items=[p[1] for p in parts])
+    if isinstance(val, torch.Tensor):
+        return _PTR[val.dtype], None
+    if is_const or val is None or type(val).__name__ == "constexpr" or (
+            isinstance(val, int) and not isinstance(val, bool) and val == 1):
+        # constexpr parameters and values, and ints equal to 1 (the JIT specializes those to constants)
+        return "constexpr", _const(getattr(val, "value", val) if type(val).__name__ == "constexpr" else val)
+    if isinstance(val, bool):
+        return "i1", None
+    if isinstance(val, int):
+        return ("i32" if -2 ** 31 <= val < 2 ** 31 else "i64"), None
+    if isinstance(val, float):
+        return "fp32", None
+    raise TypeError(f"{fn.__name__}: cannot type argument {name}={val!r}")
+
+
+def _const(val):
+    """JSON form of a constexpr value (dtypes as ["dtype", name], tuples as in `_type`)."""
+    if isinstance(val, tuple):
+        cls = None if type(val) is tuple else f"{type(val).__module__}:{type(val).__qualname__}"
+        return dict(tuple=cls, items=[_const(v) for v in val])
+    return ["dtype", str(val)] if type(val).__name__ == "dtype" else val
+
+
 def _spec(fn, args, kwargs):
     params = inspect.signature(fn).parameters
     opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _LAUNCH_OPTIONS}
@@ -32,22 +63,32 @@ def _spec(fn, args, kwargs):
     sig, const = {}, {}
     for name, p in params.items():
         val = bound.arguments.get(name, p.default)
-        is_const = "constexpr" in str(p.annotation)
-        if isinstance(val, torch.Tensor):
-            sig[name] = _PTR[val.dtype]
-        elif is_const or val is None or (isinstance(val, int) and not isinstance(val, bool) and val == 1):
-            # constexpr parameters, and ints equal to 1 (the JIT specializes those to constants)
-            sig[name] = "constexpr"
-            const[name] = ["dtype", str(val)] if type(val).__name__ == "dtype" else val
-        elif isinstance(val, bool):
-            sig[name] = "i1"
-        elif isinstance(val, int):
-            sig[name] = "i32" if -2 ** 31 <= val < 2 ** 31 else "i64"
-        elif isinstance(val, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {name}={val!r}")
+        sig[name], c = _type(fn, name, val, "constexpr" in str(p.annotation))
+        if sig[name] == "constexpr" or isinstance(sig[name], dict):
+            const[name] = c
     return dict(module=fn.__module__, name=fn.__name__, signature=sig, constexprs=const, options=opts)
+
+
+def flat_constexprs(spec) -> dict:
+    """The constexpr values of a spec by field / parameter name (bundles flattened)."""
+    out = {}
+
+    def walk(name, v):
+        if isinstance(v, dict) and "items" in v:
+            fields = _fields(v["tuple"]) if v["tuple"] else [f"{name}[{i}]" for i in range(len(v["items"]))]
+            for f, item in zip(fields, v["items"]):
+                walk(f, item)
+        elif v is not None:
+            out[name] = v
+    for name, v in spec["constexprs"].items():
+        walk(name, v)
+    return out
+
+
+def _fields(path):
+    import importlib
+    mod, qual = path.split(":")
+    return list(getattr(importlib.import_module(mod), qual)._fields)
 
 
 @contextlib.contextmanager
@@ -78,6 +119,31 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 arch, want_info = int(sys.argv[1]), sys.argv[2] == "1"
+
+
+def cls(path, items):
+    if path is None:
+        return tuple(items)
+    mod, qual = path.split(":")
+    return getattr(importlib.import_module(mod), qual)(*items)
+
+
+def sig(v):          # signature entry: a type string, or a (named) tuple of entries
+    return cls(v["tuple"], [sig(i) for i in v["items"]]) if isinstance(v, dict) else v
+
+
+def const(v):        # constexpr value: dtypes and (named) tuples rebuilt
+    if isinstance(v, dict):
+        return cls(v["tuple"], [const(i) for i in v["items"]])
+    return tl.dtype(v[1]) if isinstance(v, list) and v[:1] == ["dtype"] else v
+
+
+def paths(s, v, path, out):
+    for i, (si, vi) in enumerate(zip(s["items"], v["items"])):
+        if isinstance(si, dict):
+            paths(si, vi, path + (i,), out)
+        elif si == "constexpr":
+            out[path + (i,)] = const(vi)
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 failures, info = [], []
 for spec in json.load(sys.stdin):
@@ -85,11 +151,12 @@ for spec in json.load(sys.stdin):
     names = fn.arg_names
     consts = {}
     for k, v in spec["constexprs"].items():
-        if isinstance(v, list) and v[:1] == ["dtype"]:
-            v = tl.dtype(v[1])
-        consts[(names.index(k),)] = v
+        if spec["signature"][k] == "constexpr":
+            consts[(names.index(k),)] = const(v)
+        else:                                   # a runtime bundle: its constexpr elements by path
+            paths(spec["signature"][k], v, (names.index(k),), consts)
     try:
-        src = ASTSource(fn=fn, signature=spec["signature"], constexprs=consts)
+        src = ASTSource(fn=fn, signature={k: sig(v) for k, v in spec["signature"].items()}, constexprs=consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec["options"])
     except Exception as e:
         failures.append(dict(name=spec["name"], constexprs=spec["constexprs"], error=f"{type(e).__name__}: {e}"[:2000]))
@@ -150,7 +217,7 @@ if __name__ == "__main__":
         sys.exit("run with TRITON_INTERPRET=1: the launches are recorded from the interpreter")
     fails, rows = compile_specs(model_shaped_launches(), ptxas_info=True)
     for r in rows:
-        c = r["constexprs"]
+        c = flat_constexprs(r)
         tile = "x".join(str(c[k]) for k in ("BM", "BN") if k in c)
         print(f"{r['name']:<16} D={c.get('DP', c.get('D', '')):<4} tile={tile:<6} bias={c.get('BIAS', '-')} "
               f"gmm={c.get('GMM', '-')} {r['options']} registers={r['registers']} spill_bytes={r['spill_bytes']}")
