@@ -1,22 +1,34 @@
 """What every Triton kernel of zoo.kernels shares: the optional import, the interpreter switch,
-input checks, stride and padding helpers."""
+input checks, stride and padding helpers, and the `Rows` bundle with its tile load/store helpers.
+
+Kernels take their arguments as named bundles (typing.NamedTuple values; Triton >= 3.3 passes
+them into kernels and on into @triton.jit helpers, fields read as `t.ptr`, `t.s_b`): one bundle
+per tensor (pointer and strides), per layout geometry and per modifier, and constexpr bundles for
+the tile configuration and feature switches (a NamedTuple given to a `tl.constexpr` parameter).
+"""
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
+
+# the kernels take NamedTuple arguments (Triton >= 3.3)
+MIN_TRITON = (3, 3)
 
 try:  # triton is optional: without it only the reference backend exists
     import triton
     import triton.language as tl
-    HAS_TRITON = True
+    _MISSING = ("" if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= MIN_TRITON else
+                f"backend='triton' needs triton >= 3.3 (found {triton.__version__}); use backend='reference'")
 except Exception:  # pragma: no cover - depends on the install
     triton = None
     tl = None
-    HAS_TRITON = False
+    _MISSING = "backend='triton' needs the triton package; use backend='reference'"
+HAS_TRITON = not _MISSING
 
 __all__ = ["HAS_TRITON", "triton", "tl", "interpreter_enabled", "device_reason", "check_inputs", "bs", "contig",
-           "next_pow2", "pow2_at_least_16", "call_reason"]
+           "next_pow2", "pow2_at_least_16", "call_reason", "Rows", "rows", "row_base", "load_tile", "store_tile"]
 
 
 def interpreter_enabled() -> bool:
@@ -37,7 +49,7 @@ def device_reason(q, k, v) -> str:
     """Why the Triton kernels cannot take these tensors ("" when they can): triton installed, CUDA
     (or the interpreter), fp32/16/bf16, head dims <= 256, 32-bit offsets."""
     if not HAS_TRITON:
-        return "backend='triton' needs the triton package; use backend='reference'"
+        return _MISSING
     if q.device.type != "cuda" and not interpreter_enabled():
         return f"backend='triton' needs CUDA tensors (got {q.device}); use backend='reference' on CPU"
     if q.dtype == torch.float64:
@@ -74,3 +86,36 @@ def bs(t, dim):
 def contig(t):
     """t with unit stride in its last dim (the kernels' vector loads need it)."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class Rows(NamedTuple):
+    """A (B, H, L, D) tensor as a kernel addresses it: the pointer and its batch, head and row
+    strides (the last dim has unit stride, see `contig`)."""
+    ptr: torch.Tensor
+    s_b: int
+    s_h: int
+    s_n: int
+
+
+def rows(t) -> Rows:
+    return Rows(t, t.stride(0), t.stride(1), t.stride(2))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def row_base(t, b, h):
+        """Pointer to row 0 of batch b, head h of a `Rows` bundle."""
+        return t.ptr + b * t.s_b + h * t.s_h
+
+    @triton.jit
+    def load_tile(t, b, h, tok, ok, cols, n):
+        """Rows `tok` (where `ok`) x columns `cols` (< n) of a `Rows` bundle; 0 elsewhere."""
+        return tl.load(row_base(t, b, h) + tok[:, None] * t.s_n + cols[None, :],
+                       mask=ok[:, None] & (cols < n)[None, :], other=0.0)
+
+    @triton.jit
+    def store_tile(t, b, h, tok, ok, cols, n, val):
+        """Store `val` (cast to the tensor's dtype) at rows `tok` (where `ok`) x columns `cols` (< n)."""
+        tl.store(row_base(t, b, h) + tok[:, None] * t.s_n + cols[None, :], val.to(t.ptr.dtype.element_ty),
+                 mask=ok[:, None] & (cols < n)[None, :])

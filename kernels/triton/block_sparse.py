@@ -7,19 +7,27 @@ element predicate (window membership incl. virtual border keys, kv_valid, segmen
 dense-mask bits). Online softmax in base 2 with fp32 statistics. Bias-table, rel-pos and GMM
 parameter gradients use fp32 atomics in the dQ kernel; a dense bias gets its dS tile stored.
 
+A launch reads as: tensors as `Rows` bundles (Q, K, V, O, ...), the LUT as two `TileList`s
+(partial, full), then `Dims`, the layout's runtime `Geometry`, its element `Predicates`, the
+`Modifiers` (and `ModGrads` for dQ), and two constexpr bundles: `Tiles` (tile shape, token maps,
+dot dtype) and `Features` (which predicates and modifiers are compiled in). A switched-off
+predicate or modifier keeps a neutral bundle (dummy pointers, zero strides).
+
 The host side knows no layout or modifier types: `_Plan` starts from neutral kernel arguments and
 lets the layout (`Layout.triton_args`, `Layout.block_lut`) and each modifier
-(`Modifier.triton_args`, `triton_grad_buffers`, `triton_grads`) fill in theirs.
+(`Modifier.triton_args`, `triton_grad_buffers`, `triton_grads`) fill in theirs, then packs those
+flat values into the bundles.
 
 Only plain `tl.load/store/dot/atomic_add` are used so the same code runs on triton 3.6 and 3.8 and
 under TRITON_INTERPRET=1 (tests run the kernels on CPU tensors that way; no bf16 there).
 """
-from typing import List, Tuple
+from typing import Any, List, NamedTuple, Tuple
 
 import torch
 
 from ..lut import build_lut
-from ._common import HAS_TRITON, bs, call_reason, contig, pow2_at_least_16, tl, triton
+from ._common import (HAS_TRITON, Rows, bs, call_reason, contig, load_tile, pow2_at_least_16, row_base, rows,
+                      store_tile, tl, triton)
 
 __all__ = ["can_run", "run", "TILE_OPTIONS"]
 
@@ -33,517 +41,530 @@ def can_run(q, k, v, layout, mods, dropout_p):
     return not why, why
 
 
+# ------------------------------------------------------------------------------------------------
+# argument bundles
+# ------------------------------------------------------------------------------------------------
+class TileList(NamedTuple):
+    """One LUT list: per tile the count (num, (LB, LH, n)) and indices (idx, (LB, LH, n, max)) of
+    the tiles it pairs with; n_* / i_* are their batch, head (0: broadcast) and tile strides."""
+    num: torch.Tensor
+    n_sb: int
+    n_sh: int
+    idx: torch.Tensor
+    i_sb: int
+    i_sh: int
+    i_st: int
+
+
+class Dims(NamedTuple):
+    Lq: int
+    Lk: int
+    H: int
+    D: int
+    Dv: int
+    scale: float
+
+
+class Geometry(NamedTuple):
+    """Runtime geometry of 2-D window tiles: query blocks (bq wide, nbx per row, wq query-map
+    width), windows (block stride, halo, win_h x win_w), the key map (mh x mw) and the key-tile
+    grid (ntx tiles per row, anchored at -ay, -ax). Linear layouts leave the neutral values."""
+    bq: int
+    nbx: int
+    wq: int
+    block: int
+    halo: int
+    win_h: int
+    win_w: int
+    mh: int
+    mw: int
+    ntx: int
+    ay: int
+    ax: int
+
+
+class PairMap(NamedTuple):
+    """A (B|1, H|1, Lq, Lk) tensor: pointer, batch / head strides (0: broadcast), query and key strides."""
+    ptr: torch.Tensor
+    s_b: int
+    s_h: int
+    s_i: int
+    s_j: int
+
+
+class KeyValid(NamedTuple):
+    ptr: torch.Tensor        # (B|1, Lk) int8
+    s_b: int
+
+
+class Segments(NamedTuple):
+    q_ids: torch.Tensor      # (B|1, Lq) int32
+    kv_ids: torch.Tensor     # (B|1, Lk) int32
+    q_sb: int
+    kv_sb: int
+
+
+class Causal(NamedTuple):
+    offset: int
+    prefix: int
+
+
+class Predicates(NamedTuple):
+    """Element predicates of partial tiles (each compiled in by its `Features` switch)."""
+    kv_valid: KeyValid
+    segments: Segments
+    causal: Causal
+    mask: PairMap
+
+
+class Table(NamedTuple):
+    table: torch.Tensor      # (H|1, T) bias values
+    t_sh: int
+    index: PairMap           # (B|1, 1, Lq, Lk) int32 indices into the table
+
+
+class RelPos(NamedTuple):
+    """Decomposed rel-pos logits: rh (B|1, H|1, Lq, Rh), rw (.., Rw); qgw / kgw: grid widths of
+    the query and key tokens (when offsets are not window-local)."""
+    rh: Rows
+    rw: Rows
+    Rh: int
+    Rw: int
+    qgw: int
+    kgw: int
+
+
+class Gmm(NamedTuple):
+    alpha: torch.Tensor      # (H|1, NK) mixture weights
+    sigma: torch.Tensor      # (H|1, NK) widths
+    a_sh: int
+    prefix: int              # tokens before the grid (no modulation)
+    grid_w: int
+
+
+class Modifiers(NamedTuple):
+    bias: PairMap
+    table: Table
+    relpos: RelPos
+    gmm: Gmm
+
+
+class ModGrads(NamedTuple):
+    """fp32 gradient buffers of the modifiers' parameters (dQ kernel); dbias has bias's shape."""
+    dbias: PairMap
+    dtable: torch.Tensor
+    drh: torch.Tensor
+    drw: torch.Tensor
+    dalpha: torch.Tensor
+    dsigma: torch.Tensor
+
+
+class Tiles(NamedTuple):
+    """Constexpr tile configuration: query / key token maps (mode 0 linear spans QS / KS, mode 1
+    2-D window tiles QX wide, key tiles KSY x KSX in KTY x KTX), padded key slots (K_PAD), tile
+    sizes, padded head dims, the dtype of the P·V operand and the dot precision."""
+    Q_MODE: int
+    QS: int
+    QX: int
+    K_MODE: int
+    KS: int
+    KSY: int
+    KSX: int
+    KTY: int
+    KTX: int
+    K_PAD: bool
+    BM: int
+    BN: int
+    DP: int
+    DVP: int
+    DOT_DTYPE: Any
+    PREC: str
+
+
+class Features(NamedTuple):
+    """Constexpr switches: which predicates (WIN, CLAMP, HAS_KVV, HAS_SEG, CAUSAL, HAS_MASK) and
+    modifiers (BIAS 0 none / 1 dense / 2 table / 3 rel-pos with RP_WIN window-local offsets; GMM
+    with NK components padded to KP, GADD additive) are compiled in; DB_ATOMIC: the dense bias
+    broadcasts, so its gradient is accumulated with atomics."""
+    WIN: bool
+    CLAMP: bool
+    HAS_KVV: bool
+    HAS_SEG: bool
+    CAUSAL: bool
+    HAS_MASK: bool
+    BIAS: int
+    RP_WIN: bool
+    NK: int
+    KP: int
+    GMM: bool
+    GADD: bool
+    DB_ATOMIC: bool
+
+
 if HAS_TRITON:
 
     @triton.jit
-    def _qmap(qb, offs_m, Lq, Q_MODE: tl.constexpr, QS: tl.constexpr, QX: tl.constexpr,
-              bq, nbx, wq, block, halo, win_h, win_w, mh, mw, CLAMP: tl.constexpr):
-        """Query tile -> natural token, validity, local (ly, lx) and window start (sy, sx)."""
-        if Q_MODE == 0:
-            tok = qb * QS + offs_m
-            valid = (offs_m < QS) & (tok < Lq)
+    def _qmap(qb, dims, geo, tile, feat):
+        """Query tile -> (natural token, validity, local ly, lx, window start sy, sx) per row."""
+        offs_m = tl.arange(0, tile.BM)
+        if tile.Q_MODE == 0:
+            tok = qb * tile.QS + offs_m
+            valid = (offs_m < tile.QS) & (tok < dims.Lq)
             ly = offs_m * 0
             lx = offs_m * 0
             sy = qb * 0
             sx = qb * 0
         else:
-            by = qb // nbx
-            bx = qb % nbx
-            ly = offs_m // QX
-            lx = offs_m % QX
-            valid = (ly < bq) & (lx < bq)
-            tok = (by * bq + ly) * wq + bx * bq + lx
-            sy = by * block - halo
-            sx = bx * block - halo
-            if CLAMP:
-                sy = tl.minimum(tl.maximum(sy, 0), tl.maximum(mh - win_h, 0))
-                sx = tl.minimum(tl.maximum(sx, 0), tl.maximum(mw - win_w, 0))
+            by = qb // geo.nbx
+            bx = qb % geo.nbx
+            ly = offs_m // tile.QX
+            lx = offs_m % tile.QX
+            valid = (ly < geo.bq) & (lx < geo.bq)
+            tok = (by * geo.bq + ly) * geo.wq + bx * geo.bq + lx
+            sy = by * geo.block - geo.halo
+            sx = bx * geo.block - geo.halo
+            if feat.CLAMP:
+                sy = tl.minimum(tl.maximum(sy, 0), tl.maximum(geo.mh - geo.win_h, 0))
+                sx = tl.minimum(tl.maximum(sx, 0), tl.maximum(geo.mw - geo.win_w, 0))
         tok = tl.where(valid, tok, 0)
         return tok, valid, ly, lx, sy, sx
 
     @triton.jit
-    def _kmap(kb, offs_n, Lk, K_MODE: tl.constexpr, KS: tl.constexpr, KSY: tl.constexpr, KSX: tl.constexpr,
-              KTX: tl.constexpr, ntx, ay, ax, mh, mw):
-        """Key tile -> natural token, loadable (in range / in map), real slot, map coords."""
-        if K_MODE == 0:
-            tok = kb * KS + offs_n
-            span = offs_n < KS
-            inb = span & (tok < Lk)
+    def _kmap(kb, dims, geo, tile):
+        """Key tile -> (natural token, loadable (in range / in map), real slot, map ky, kx) per slot."""
+        offs_n = tl.arange(0, tile.BN)
+        if tile.K_MODE == 0:
+            tok = kb * tile.KS + offs_n
+            span = offs_n < tile.KS
+            inb = span & (tok < dims.Lk)
             ky = offs_n * 0
             kx = offs_n * 0
         else:
-            ty = kb // ntx
-            tx = kb % ntx
-            cy = offs_n // KTX
-            cx = offs_n % KTX
-            span = (cy < KSY) & (cx < KSX)
-            ky = ty * KSY - ay + cy
-            kx = tx * KSX - ax + cx
-            inb = span & (ky >= 0) & (ky < mh) & (kx >= 0) & (kx < mw)
-            tok = ky * mw + kx
+            ty = kb // geo.ntx
+            tx = kb % geo.ntx
+            cy = offs_n // tile.KTX
+            cx = offs_n % tile.KTX
+            span = (cy < tile.KSY) & (cx < tile.KSX)
+            ky = ty * tile.KSY - geo.ay + cy
+            kx = tx * tile.KSX - geo.ax + cx
+            inb = span & (ky >= 0) & (ky < geo.mh) & (kx >= 0) & (kx < geo.mw)
+            tok = ky * geo.mw + kx
         tok = tl.where(inb, tok, 0)
         return tok, inb, span, ky, kx
 
     @triton.jit
-    def _gmm_m(tq, tk, kin, h_a, ALPHA, SIGMA, GP, ggw, NK: tl.constexpr, GADD: tl.constexpr):
-        qp = tq - GP
-        kp = tk - GP
-        dy = (qp // ggw)[:, None] - (kp // ggw)[None, :]
-        dx = (qp % ggw)[:, None] - (kp % ggw)[None, :]
+    def _list_len(lst, b, h, i):
+        """Number of tiles tile `i` pairs with in a `TileList`."""
+        return tl.load(lst.num + b * lst.n_sb + h * lst.n_sh + i)
+
+    @triton.jit
+    def _list_item(lst, b, h, i, t):
+        return tl.load(lst.idx + b * lst.i_sb + h * lst.i_sh + i * lst.i_st + t)
+
+    @triton.jit
+    def _pair_ptrs(pm, b, h, tq, tk):
+        """Pointers to the (query, key) elements of a `PairMap`."""
+        return pm.ptr + b * pm.s_b + h * pm.s_h + tq[:, None] * pm.s_i + tk[None, :] * pm.s_j
+
+    @triton.jit
+    def _program(dims):
+        """(tile index, b·H + h, batch, head) of this program (grid: tiles x batch·heads)."""
+        bh = tl.program_id(1)
+        return tl.program_id(0), bh, bh // dims.H, bh % dims.H
+
+    @triton.jit
+    def _query_tile(Q, b, h, qb, dims, geo, tile, feat):
+        """Query tile qb: its row positions (`_qmap`) and q (BM, DP)."""
+        qpos = _qmap(qb, dims, geo, tile, feat)
+        return qpos, load_tile(Q, b, h, qpos[0], qpos[1], tl.arange(0, tile.DP), dims.D)
+
+    @triton.jit
+    def _key_tile(K, V, b, h, kb, dims, geo, tile):
+        """Key tile kb: its slot positions (`_kmap`), k (BN, DP) and v (BN, DVP)."""
+        kpos = _kmap(kb, dims, geo, tile)
+        kt = load_tile(K, b, h, kpos[0], kpos[1], tl.arange(0, tile.DP), dims.D)
+        vt = load_tile(V, b, h, kpos[0], kpos[1], tl.arange(0, tile.DVP), dims.Dv)
+        return kpos, kt, vt
+
+    @triton.jit
+    def _grad_rows(DO, LSE, DELTA, b, h, bh, qpos, dims, tile):
+        """What the backward needs per query row (bh = b·H + h): dO (BM, DVP), the log-sum-exp (0
+        for rows without keys: their p are 0) and delta = rowsum(dO·O)."""
+        tq, qv = qpos[0], qpos[1]
+        do = load_tile(DO, b, h, tq, qv, tl.arange(0, tile.DVP), dims.Dv)
+        lse = tl.load(LSE + bh * dims.Lq + tq, mask=qv, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        delta = tl.load(DELTA + bh * dims.Lq + tq, mask=qv, other=0.0)
+        return do, lse, delta
+
+    @triton.jit
+    def _gmm_m(tq, tk, kin, h, gmm, feat):
+        """GMM score modulation m of a tile (multiplied or added), the squared grid distance and
+        which pairs it applies to."""
+        h_a = h * gmm.a_sh
+        qp = tq - gmm.prefix
+        kp = tk - gmm.prefix
+        dy = (qp // gmm.grid_w)[:, None] - (kp // gmm.grid_w)[None, :]
+        dx = (qp % gmm.grid_w)[:, None] - (kp % gmm.grid_w)[None, :]
         d2 = (dy * dy + dx * dx).to(tl.float32)
         mod = (qp >= 0)[:, None] & ((kp >= 0) & kin)[None, :]
         m = tl.zeros(d2.shape, dtype=tl.float32)
-        for c in tl.static_range(NK):
-            a = tl.load(ALPHA + h_a * NK + c).to(tl.float32)
-            sg = tl.load(SIGMA + h_a * NK + c).to(tl.float32)
+        for c in tl.static_range(feat.NK):
+            a = tl.load(gmm.alpha + h_a * feat.NK + c).to(tl.float32)
+            sg = tl.load(gmm.sigma + h_a * feat.NK + c).to(tl.float32)
             m += a * tl.exp(-d2 / (2.0 * sg * sg))
-        if GADD:
+        if feat.GADD:
             m = tl.where(mod, m, 0.0)
         else:
             m = tl.where(mod, m, 1.0)
         return m, d2, mod
 
     @triton.jit
-    def _logits(qk, b, h, tq, qv, ly, lx, sy, sx, tk, kin, kspan, ky, kx, scale, PARTIAL: tl.constexpr,
-                K_MODE: tl.constexpr, K_PAD: tl.constexpr,
-                WIN: tl.constexpr, CLAMP: tl.constexpr, win_h, win_w,
-                KVV, kvv_sb, HAS_KVV: tl.constexpr,
-                QID, KID, qid_sb, kid_sb, HAS_SEG: tl.constexpr,
-                c_off, c_pre, CAUSAL: tl.constexpr,
-                MSK, m_sb, m_sh, m_si, m_sj, HAS_MASK: tl.constexpr,
-                BIAS: tl.constexpr, BP, bp_sb, bp_sh, bp_si, bp_sj,
-                TAB, tab_sh, IDX, ix_sb, ix_si, ix_sj,
-                RH, RW, rh_sb, rh_sh, rh_si, rw_sb, rw_sh, rw_si, Rh, Rw, RP_WIN: tl.constexpr, qgw, kgw,
-                ALPHA, SIGMA, h_a, GP, ggw, NK: tl.constexpr, GMM: tl.constexpr, GADD: tl.constexpr):
-        s = qk * scale
-        if GMM:
-            m, d2, mod = _gmm_m(tq, tk, kin, h_a, ALPHA, SIGMA, GP, ggw, NK, GADD)
-            if GADD:
+    def _logits(qk, b, h, qpos, kpos, dims, geo, pred, mods, tile, feat, PARTIAL: tl.constexpr):
+        """Scaled logits of one tile pair with the modifiers applied and, in partial tiles, the
+        layout's element predicate (-inf where a pair is not attended)."""
+        tq, qv, ly, lx, sy, sx = qpos
+        tk, kin, kspan, ky, kx = kpos
+        s = qk * dims.scale
+        if feat.GMM:
+            m, d2, mod = _gmm_m(tq, tk, kin, h, mods.gmm, feat)
+            if feat.GADD:
                 s = s + m
             else:
                 s = s * m
         pair = qv[:, None] & kin[None, :]
-        if BIAS == 1:
-            bv = tl.load(BP + b * bp_sb + h * bp_sh + tq[:, None] * bp_si + tk[None, :] * bp_sj,
-                         mask=pair, other=0.0)
+        if feat.BIAS == 1:
+            bv = tl.load(_pair_ptrs(mods.bias, b, h, tq, tk), mask=pair, other=0.0)
             s += bv.to(tl.float32)
-        if BIAS == 2:
-            iv = tl.load(IDX + b * ix_sb + tq[:, None] * ix_si + tk[None, :] * ix_sj, mask=pair, other=0)
-            tv = tl.load(TAB + h * tab_sh + iv, mask=pair, other=0.0)
+        if feat.BIAS == 2:
+            tab = mods.table
+            iv = tl.load(_pair_ptrs(tab.index, b, h, tq, tk), mask=pair, other=0)
+            tv = tl.load(tab.table + h * tab.t_sh + iv, mask=pair, other=0.0)
             s += tv.to(tl.float32)
-        if BIAS == 3:
-            if RP_WIN:
-                iy = (ky - sy)[None, :] - ly[:, None] + Rh // 2
-                ix = (kx - sx)[None, :] - lx[:, None] + Rw // 2
+        if feat.BIAS == 3:
+            rp = mods.relpos
+            if feat.RP_WIN:
+                iy = (ky - sy)[None, :] - ly[:, None] + rp.Rh // 2
+                ix = (kx - sx)[None, :] - lx[:, None] + rp.Rw // 2
             else:
-                iy = (tk // kgw)[None, :] - (tq // qgw)[:, None] + Rh // 2
-                ix = (tk % kgw)[None, :] - (tq % qgw)[:, None] + Rw // 2
-            okh = qv[:, None] & kspan[None, :] & (iy >= 0) & (iy < Rh)
-            okw = qv[:, None] & kspan[None, :] & (ix >= 0) & (ix < Rw)
-            if not RP_WIN:
+                iy = (tk // rp.kgw)[None, :] - (tq // rp.qgw)[:, None] + rp.Rh // 2
+                ix = (tk % rp.kgw)[None, :] - (tq % rp.qgw)[:, None] + rp.Rw // 2
+            okh = qv[:, None] & kspan[None, :] & (iy >= 0) & (iy < rp.Rh)
+            okw = qv[:, None] & kspan[None, :] & (ix >= 0) & (ix < rp.Rw)
+            if not feat.RP_WIN:
                 okh = okh & kin[None, :]
                 okw = okw & kin[None, :]
-            rv = tl.load(RH + b * rh_sb + h * rh_sh + tq[:, None] * rh_si + iy, mask=okh, other=0.0)
-            rv2 = tl.load(RW + b * rw_sb + h * rw_sh + tq[:, None] * rw_si + ix, mask=okw, other=0.0)
+            rv = tl.load(row_base(rp.rh, b, h) + tq[:, None] * rp.rh.s_n + iy, mask=okh, other=0.0)
+            rv2 = tl.load(row_base(rp.rw, b, h) + tq[:, None] * rp.rw.s_n + ix, mask=okw, other=0.0)
             s += rv.to(tl.float32) + rv2.to(tl.float32)
         if PARTIAL:
             keep = qv[:, None] & kspan[None, :]
-            if K_MODE == 0:
+            if tile.K_MODE == 0:
                 keep = keep & kin[None, :]
-            if WIN:
-                inw = (ky >= sy) & (ky < sy + win_h) & (kx >= sx) & (kx < sx + win_w)
-                if CLAMP:
+            if feat.WIN:
+                inw = (ky >= sy) & (ky < sy + geo.win_h) & (kx >= sx) & (kx < sx + geo.win_w)
+                if feat.CLAMP:
                     inw = inw & kin
                 keep = keep & inw[None, :]
-            if HAS_KVV:
-                kvv = tl.load(KVV + b * kvv_sb + tk, mask=kin, other=1)
+            if feat.HAS_KVV:
+                kvv = tl.load(pred.kv_valid.ptr + b * pred.kv_valid.s_b + tk, mask=kin, other=1)
                 keep = keep & (kvv != 0)[None, :]
-            if HAS_SEG:
-                qi = tl.load(QID + b * qid_sb + tq, mask=qv, other=-1)
-                ki = tl.load(KID + b * kid_sb + tk, mask=kin, other=-2)
+            if feat.HAS_SEG:
+                seg = pred.segments
+                qi = tl.load(seg.q_ids + b * seg.q_sb + tq, mask=qv, other=-1)
+                ki = tl.load(seg.kv_ids + b * seg.kv_sb + tk, mask=kin, other=-2)
                 keep = keep & (qi[:, None] == ki[None, :]) & (qi >= 0)[:, None]
-            if CAUSAL:
-                ii = tq + c_off
-                keep = keep & ((tk[None, :] <= ii[:, None]) | ((ii < c_pre)[:, None] & (tk < c_pre)[None, :]))
-            if HAS_MASK:
-                mv = tl.load(MSK + b * m_sb + h * m_sh + tq[:, None] * m_si + tk[None, :] * m_sj, mask=pair, other=0)
+            if feat.CAUSAL:
+                ii = tq + pred.causal.offset
+                cp = pred.causal.prefix
+                keep = keep & ((tk[None, :] <= ii[:, None]) | ((ii < cp)[:, None] & (tk < cp)[None, :]))
+            if feat.HAS_MASK:
+                mv = tl.load(_pair_ptrs(pred.mask, b, h, tq, tk), mask=pair, other=0)
                 keep = keep & (mv != 0)
             s = tl.where(keep, s, float("-inf"))
         else:
-            if K_PAD:
-                if K_MODE == 0:
+            if tile.K_PAD:
+                if tile.K_MODE == 0:
                     s = tl.where(kin[None, :], s, float("-inf"))
                 else:
                     s = tl.where(kspan[None, :], s, float("-inf"))
         return s
 
-
+    @triton.jit
+    def _fwd_tiles(acc, m_i, l_i, q, b, h, qb, qpos, lst, K, V, dims, geo, pred, mods, tile, feat,
+                   PARTIAL: tl.constexpr):
+        """Online softmax (base 2, fp32 statistics) over the key tiles of one LUT list."""
+        for t in range(0, _list_len(lst, b, h, qb)):
+            kpos, kt, vt = _key_tile(K, V, b, h, _list_item(lst, b, h, qb, t), dims, geo, tile)
+            qk = tl.dot(q, tl.trans(kt), input_precision=tile.PREC)
+            s = _logits(qk, b, h, qpos, kpos, dims, geo, pred, mods, tile, feat, PARTIAL)
+            s2 = s * 1.4426950408889634
+            m_new = tl.maximum(m_i, tl.max(s2, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s2 - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tile.DOT_DTYPE), vt, input_precision=tile.PREC)
+            m_i = m_new
+        return acc, m_i, l_i
 
     @triton.jit
-    def _fwd_step(acc, m_i, l_i, q, b, h, kb, tq, qv, ly, lx, sy, sx, offs_n, offs_d, offs_dv,
-                  K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, PARTIAL: tl.constexpr, Lq, Lk, H, scale, Q_MODE: tl.constexpr, QS: tl.constexpr, QX: tl.constexpr, bq, nbx, wq,
-            block, halo, win_h, win_w, mh, mw, K_MODE: tl.constexpr, KS: tl.constexpr,
-            KSY: tl.constexpr, KSX: tl.constexpr, KTX: tl.constexpr, ntx, ay, ax, K_PAD: tl.constexpr,
-            WIN: tl.constexpr, CLAMP: tl.constexpr, KVV, kvv_sb, HAS_KVV: tl.constexpr, QID, KID,
-            qid_sb, kid_sb, HAS_SEG: tl.constexpr, c_off, c_pre, CAUSAL: tl.constexpr, MSK, m_sb, m_sh,
-            m_si, m_sj, HAS_MASK: tl.constexpr, BIAS: tl.constexpr, BP, bp_sb, bp_sh, bp_si, bp_sj,
-            TAB, tab_sh, IDX, ix_sb, ix_si, ix_sj, RH, RW, rh_sb, rh_sh, rh_si, rw_sb, rw_sh, rw_si,
-            Rh, Rw, RP_WIN: tl.constexpr, qgw, kgw, ALPHA, SIGMA, a_sh, GP, ggw, NK: tl.constexpr,
-            KP: tl.constexpr, GMM: tl.constexpr, GADD: tl.constexpr, BM: tl.constexpr,
-            BN: tl.constexpr, D, DV, DP: tl.constexpr, DVP: tl.constexpr, DOT_DTYPE: tl.constexpr,
-            PREC: tl.constexpr):
-        tk, kin, kspan, ky, kx = _kmap(kb, offs_n, Lk, K_MODE, KS, KSY, KSX, KTX, ntx, ay, ax, mh, mw)
-        kt = tl.load(K + b * sk_b + h * sk_h + tk[:, None] * sk_n + offs_d[None, :],
-                     mask=kin[:, None] & (offs_d < D)[None, :], other=0.0)
-        vt = tl.load(V + b * sv_b + h * sv_h + tk[:, None] * sv_n + offs_dv[None, :],
-                     mask=kin[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(kt), input_precision=PREC)
-        s = _logits(qk, b, h, tq, qv, ly, lx, sy, sx, tk, kin, kspan, ky, kx, scale, PARTIAL, K_MODE, K_PAD, WIN, CLAMP, win_h, win_w, KVV, kvv_sb, HAS_KVV, QID,
-                    KID, qid_sb, kid_sb, HAS_SEG, c_off, c_pre, CAUSAL, MSK, m_sb, m_sh, m_si, m_sj,
-                    HAS_MASK, BIAS, BP, bp_sb, bp_sh, bp_si, bp_sj, TAB, tab_sh, IDX, ix_sb, ix_si,
-                    ix_sj, RH, RW, rh_sb, rh_sh, rh_si, rw_sb, rw_sh, rw_si, Rh, Rw, RP_WIN, qgw, kgw,
-                    ALPHA, SIGMA, h * a_sh, GP, ggw, NK, GMM, GADD)
-        s2 = s * 1.4426950408889634
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s2 - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt, input_precision=PREC)
-        return acc, m_new, l_i
-
-
-    @triton.jit
-    def _attn_fwd(Q, K, V, O, LSE, sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m,
-                  KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, l_sb, l_sh, li_sb, li_sh, li_sq, lf_sb, lf_sh, lf_sq,
-                  Lq, Lk, H, scale, Q_MODE: tl.constexpr, QS: tl.constexpr, QX: tl.constexpr, bq, nbx, wq,
-            block, halo, win_h, win_w, mh, mw, K_MODE: tl.constexpr, KS: tl.constexpr,
-            KSY: tl.constexpr, KSX: tl.constexpr, KTX: tl.constexpr, ntx, ay, ax, K_PAD: tl.constexpr,
-            WIN: tl.constexpr, CLAMP: tl.constexpr, KVV, kvv_sb, HAS_KVV: tl.constexpr, QID, KID,
-            qid_sb, kid_sb, HAS_SEG: tl.constexpr, c_off, c_pre, CAUSAL: tl.constexpr, MSK, m_sb, m_sh,
-            m_si, m_sj, HAS_MASK: tl.constexpr, BIAS: tl.constexpr, BP, bp_sb, bp_sh, bp_si, bp_sj,
-            TAB, tab_sh, IDX, ix_sb, ix_si, ix_sj, RH, RW, rh_sb, rh_sh, rh_si, rw_sb, rw_sh, rw_si,
-            Rh, Rw, RP_WIN: tl.constexpr, qgw, kgw, ALPHA, SIGMA, a_sh, GP, ggw, NK: tl.constexpr,
-            KP: tl.constexpr, GMM: tl.constexpr, GADD: tl.constexpr, BM: tl.constexpr,
-            BN: tl.constexpr, D, DV, DP: tl.constexpr, DVP: tl.constexpr, DOT_DTYPE: tl.constexpr,
-            PREC: tl.constexpr):
-        qb = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_m = tl.arange(0, BM)
-        offs_n = tl.arange(0, BN)
-        offs_d = tl.arange(0, DP)
-        offs_dv = tl.arange(0, DVP)
-        tq, qv, ly, lx, sy, sx = _qmap(qb, offs_m, Lq, Q_MODE, QS, QX, bq, nbx, wq, block, halo, win_h, win_w,
-                                       mh, mw, CLAMP)
-        q = tl.load(Q + b * sq_b + h * sq_h + tq[:, None] * sq_m + offs_d[None, :],
-                    mask=qv[:, None] & (offs_d < D)[None, :], other=0.0)
-        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BM], dtype=tl.float32)
-        acc = tl.zeros([BM, DVP], dtype=tl.float32)
-        n_p = tl.load(KV_NUM + b * l_sb + h * l_sh + qb)
-        for t in range(0, n_p):
-            kb = tl.load(KV_IDX + b * li_sb + h * li_sh + qb * li_sq + t)
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, b, h, kb, tq, qv, ly, lx, sy, sx, offs_n, offs_d, offs_dv,
-                                      K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, True, Lq, Lk, H, scale, Q_MODE, QS, QX, bq, nbx, wq, block, halo,
-                                      win_h, win_w, mh, mw, K_MODE, KS, KSY, KSX, KTX, ntx, ay, ax,
-                                      K_PAD, WIN, CLAMP, KVV, kvv_sb, HAS_KVV, QID, KID, qid_sb,
-                                      kid_sb, HAS_SEG, c_off, c_pre, CAUSAL, MSK, m_sb, m_sh, m_si,
-                                      m_sj, HAS_MASK, BIAS, BP, bp_sb, bp_sh, bp_si, bp_sj, TAB,
-                                      tab_sh, IDX, ix_sb, ix_si, ix_sj, RH, RW, rh_sb, rh_sh, rh_si,
-                                      rw_sb, rw_sh, rw_si, Rh, Rw, RP_WIN, qgw, kgw, ALPHA, SIGMA,
-                                      a_sh, GP, ggw, NK, KP, GMM, GADD, BM, BN, D, DV, DP, DVP,
-                                      DOT_DTYPE, PREC)
-        n_f = tl.load(FULL_NUM + b * l_sb + h * l_sh + qb)
-        for t in range(0, n_f):
-            kb = tl.load(FULL_IDX + b * lf_sb + h * lf_sh + qb * lf_sq + t)
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, b, h, kb, tq, qv, ly, lx, sy, sx, offs_n, offs_d, offs_dv,
-                                      K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, False, Lq, Lk, H, scale, Q_MODE, QS, QX, bq, nbx, wq, block, halo,
-                                      win_h, win_w, mh, mw, K_MODE, KS, KSY, KSX, KTX, ntx, ay, ax,
-                                      K_PAD, WIN, CLAMP, KVV, kvv_sb, HAS_KVV, QID, KID, qid_sb,
-                                      kid_sb, HAS_SEG, c_off, c_pre, CAUSAL, MSK, m_sb, m_sh, m_si,
-                                      m_sj, HAS_MASK, BIAS, BP, bp_sb, bp_sh, bp_si, bp_sj, TAB,
-                                      tab_sh, IDX, ix_sb, ix_si, ix_sj, RH, RW, rh_sb, rh_sh, rh_si,
-                                      rw_sb, rw_sh, rw_si, Rh, Rw, RP_WIN, qgw, kgw, ALPHA, SIGMA,
-                                      a_sh, GP, ggw, NK, KP, GMM, GADD, BM, BN, D, DV, DP, DVP,
-                                      DOT_DTYPE, PREC)
+    def _attn_fwd(Q, K, V, O, LSE, part, full, dims, geo, pred, mods, tile: tl.constexpr, feat: tl.constexpr):
+        """One query tile of one (batch, head): its partial key tiles, then its full ones."""
+        qb, bh, b, h = _program(dims)
+        qpos, q = _query_tile(Q, b, h, qb, dims, geo, tile, feat)
+        m_i = tl.full([tile.BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([tile.BM], dtype=tl.float32)
+        acc = tl.zeros([tile.BM, tile.DVP], dtype=tl.float32)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, b, h, qb, qpos, part, K, V, dims, geo, pred, mods, tile, feat,
+                                   True)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, b, h, qb, qpos, full, K, V, dims, geo, pred, mods, tile, feat,
+                                   False)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-        tl.store(O + b * so_b + h * so_h + tq[:, None] * so_m + offs_dv[None, :], out.to(O.dtype.element_ty),
-                 mask=qv[:, None] & (offs_dv < DV)[None, :])
-        tl.store(LSE + bh * Lq + tq, lse, mask=qv)
-
+        store_tile(O, b, h, qpos[0], qpos[1], tl.arange(0, tile.DVP), dims.Dv, out)
+        tl.store(LSE + bh * dims.Lq + qpos[0], lse, mask=qpos[1])
 
     @triton.jit
-    def _dkdv_step(dk, dv, kt, vt, b, h, kb, qb, tk, kin, kspan, ky, kx, offs_m, offs_d, offs_dv,
-                   Q, DO, LSE, DELTA, sq_b, sq_h, sq_m, sd_b, sd_h, sd_m, PARTIAL: tl.constexpr, Lq, Lk, H, scale, Q_MODE: tl.constexpr, QS: tl.constexpr, QX: tl.constexpr, bq, nbx, wq,
-            block, halo, win_h, win_w, mh, mw, K_MODE: tl.constexpr, KS: tl.constexpr,
-            KSY: tl.constexpr, KSX: tl.constexpr, KTX: tl.constexpr, ntx, ay, ax, K_PAD: tl.constexpr,
-            WIN: tl.constexpr, CLAMP: tl.constexpr, KVV, kvv_sb, HAS_KVV: tl.constexpr, QID, KID,
-            qid_sb, kid_sb, HAS_SEG: tl.constexpr, c_off, c_pre, CAUSAL: tl.constexpr, MSK, m_sb, m_sh,
-            m_si, m_sj, HAS_MASK: tl.constexpr, BIAS: tl.constexpr, BP, bp_sb, bp_sh, bp_si, bp_sj,
-            TAB, tab_sh, IDX, ix_sb, ix_si, ix_sj, RH, RW, rh_sb, rh_sh, rh_si, rw_sb, rw_sh, rw_si,
-            Rh, Rw, RP_WIN: tl.constexpr, qgw, kgw, ALPHA, SIGMA, a_sh, GP, ggw, NK: tl.constexpr,
-            KP: tl.constexpr, GMM: tl.constexpr, GADD: tl.constexpr, BM: tl.constexpr,
-            BN: tl.constexpr, D, DV, DP: tl.constexpr, DVP: tl.constexpr, DOT_DTYPE: tl.constexpr,
-            PREC: tl.constexpr):
-        tq, qv, ly, lx, sy, sx = _qmap(qb, offs_m, Lq, Q_MODE, QS, QX, bq, nbx, wq, block, halo, win_h, win_w,
-                                       mh, mw, CLAMP)
-        q = tl.load(Q + b * sq_b + h * sq_h + tq[:, None] * sq_m + offs_d[None, :],
-                    mask=qv[:, None] & (offs_d < D)[None, :], other=0.0)
-        do = tl.load(DO + b * sd_b + h * sd_h + tq[:, None] * sd_m + offs_dv[None, :],
-                     mask=qv[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        bh = b * H + h
-        lse = tl.load(LSE + bh * Lq + tq, mask=qv, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
-        delta = tl.load(DELTA + bh * Lq + tq, mask=qv, other=0.0)
-        qk = tl.dot(q, tl.trans(kt), input_precision=PREC)
-        s = _logits(qk, b, h, tq, qv, ly, lx, sy, sx, tk, kin, kspan, ky, kx, scale, PARTIAL, K_MODE, K_PAD, WIN, CLAMP, win_h, win_w, KVV, kvv_sb, HAS_KVV, QID,
-                    KID, qid_sb, kid_sb, HAS_SEG, c_off, c_pre, CAUSAL, MSK, m_sb, m_sh, m_si, m_sj,
-                    HAS_MASK, BIAS, BP, bp_sb, bp_sh, bp_si, bp_sj, TAB, tab_sh, IDX, ix_sb, ix_si,
-                    ix_sj, RH, RW, rh_sb, rh_sh, rh_si, rw_sb, rw_sh, rw_si, Rh, Rw, RP_WIN, qgw, kgw,
-                    ALPHA, SIGMA, h * a_sh, GP, ggw, NK, GMM, GADD)
-        p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
-        p = tl.where(qv[:, None], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(DOT_DTYPE)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        if GMM:
-            if not GADD:
-                m, d2, mod = _gmm_m(tq, tk, kin, h * a_sh, ALPHA, SIGMA, GP, ggw, NK, GADD)
-                ds = ds * m
-        dk += tl.dot(tl.trans((ds * scale).to(DOT_DTYPE)), q, input_precision=PREC)
+    def _dkdv_tiles(dk, dv, kt, vt, b, h, kb, kpos, lst, Q, DO, LSE, DELTA, dims, geo, pred, mods, tile, feat,
+                    PARTIAL: tl.constexpr):
+        """dK, dV contributions of the query tiles of one transposed LUT list."""
+        bh = b * dims.H + h
+        for t in range(0, _list_len(lst, b, h, kb)):
+            qpos, q = _query_tile(Q, b, h, _list_item(lst, b, h, kb, t), dims, geo, tile, feat)
+            do, lse, delta = _grad_rows(DO, LSE, DELTA, b, h, bh, qpos, dims, tile)
+            qk = tl.dot(q, tl.trans(kt), input_precision=tile.PREC)
+            s = _logits(qk, b, h, qpos, kpos, dims, geo, pred, mods, tile, feat, PARTIAL)
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            p = tl.where(qpos[1][:, None], p, 0.0)
+            dv += tl.dot(tl.trans(p.to(tile.DOT_DTYPE)), do, input_precision=tile.PREC)
+            dp = tl.dot(do, tl.trans(vt), input_precision=tile.PREC)
+            ds = p * (dp - delta[:, None])
+            if feat.GMM:
+                if not feat.GADD:
+                    m, d2, mod = _gmm_m(qpos[0], kpos[0], kpos[1], h, mods.gmm, feat)
+                    ds = ds * m
+            dk += tl.dot(tl.trans((ds * dims.scale).to(tile.DOT_DTYPE)), q, input_precision=tile.PREC)
         return dk, dv
 
+    @triton.jit
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, part, full, dims, geo, pred, mods, tile: tl.constexpr,
+                       feat: tl.constexpr):
+        """dK, dV of one key tile of one (batch, head), walking the transposed LUT (no atomics)."""
+        kb, bh, b, h = _program(dims)
+        kpos, kt, vt = _key_tile(K, V, b, h, kb, dims, geo, tile)
+        dk = tl.zeros([tile.BN, tile.DP], dtype=tl.float32)
+        dv = tl.zeros([tile.BN, tile.DVP], dtype=tl.float32)
+        dk, dv = _dkdv_tiles(dk, dv, kt, vt, b, h, kb, kpos, part, Q, DO, LSE, DELTA, dims, geo, pred, mods, tile,
+                             feat, True)
+        dk, dv = _dkdv_tiles(dk, dv, kt, vt, b, h, kb, kpos, full, Q, DO, LSE, DELTA, dims, geo, pred, mods, tile,
+                             feat, False)
+        store_tile(DK, b, h, kpos[0], kpos[1], tl.arange(0, tile.DP), dims.D, dk)
+        store_tile(DV, b, h, kpos[0], kpos[1], tl.arange(0, tile.DVP), dims.Dv, dv)
 
     @triton.jit
-    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                       sd_b, sd_h, sd_m, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
-                       Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, l_sb, l_sh, li_sb, li_sh, li_sk, lf_sb, lf_sh, lf_sk,
-                       Lq, Lk, H, scale, Q_MODE: tl.constexpr, QS: tl.constexpr, QX: tl.constexpr, bq, nbx, wq,
-            block, halo, win_h, win_w, mh, mw, K_MODE: tl.constexpr, KS: tl.constexpr,
-            KSY: tl.constexpr, KSX: tl.constexpr, KTX: tl.constexpr, ntx, ay, ax, K_PAD: tl.constexpr,
-            WIN: tl.constexpr, CLAMP: tl.constexpr, KVV, kvv_sb, HAS_KVV: tl.constexpr, QID, KID,
-            qid_sb, kid_sb, HAS_SEG: tl.constexpr, c_off, c_pre, CAUSAL: tl.constexpr, MSK, m_sb, m_sh,
-            m_si, m_sj, HAS_MASK: tl.constexpr, BIAS: tl.constexpr, BP, bp_sb, bp_sh, bp_si, bp_sj,
-            TAB, tab_sh, IDX, ix_sb, ix_si, ix_sj, RH, RW, rh_sb, rh_sh, rh_si, rw_sb, rw_sh, rw_si,
-            Rh, Rw, RP_WIN: tl.constexpr, qgw, kgw, ALPHA, SIGMA, a_sh, GP, ggw, NK: tl.constexpr,
-            KP: tl.constexpr, GMM: tl.constexpr, GADD: tl.constexpr, BM: tl.constexpr,
-            BN: tl.constexpr, D, DV, DP: tl.constexpr, DVP: tl.constexpr, DOT_DTYPE: tl.constexpr,
-            PREC: tl.constexpr):
-        kb = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_m = tl.arange(0, BM)
-        offs_n = tl.arange(0, BN)
-        offs_d = tl.arange(0, DP)
-        offs_dv = tl.arange(0, DVP)
-        tk, kin, kspan, ky, kx = _kmap(kb, offs_n, Lk, K_MODE, KS, KSY, KSX, KTX, ntx, ay, ax, mh, mw)
-        kt = tl.load(K + b * sk_b + h * sk_h + tk[:, None] * sk_n + offs_d[None, :],
-                     mask=kin[:, None] & (offs_d < D)[None, :], other=0.0)
-        vt = tl.load(V + b * sv_b + h * sv_h + tk[:, None] * sv_n + offs_dv[None, :],
-                     mask=kin[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        dk = tl.zeros([BN, DP], dtype=tl.float32)
-        dv = tl.zeros([BN, DVP], dtype=tl.float32)
-        n_p = tl.load(Q_NUM + b * l_sb + h * l_sh + kb)
-        for t in range(0, n_p):
-            qb = tl.load(Q_IDX + b * li_sb + h * li_sh + kb * li_sk + t)
-            dk, dv = _dkdv_step(dk, dv, kt, vt, b, h, kb, qb, tk, kin, kspan, ky, kx, offs_m, offs_d, offs_dv,
-                                Q, DO, LSE, DELTA, sq_b, sq_h, sq_m, sd_b, sd_h, sd_m, True, Lq, Lk, H, scale, Q_MODE, QS, QX, bq, nbx, wq, block, halo,
-                                      win_h, win_w, mh, mw, K_MODE, KS, KSY, KSX, KTX, ntx, ay, ax,
-                                      K_PAD, WIN, CLAMP, KVV, kvv_sb, HAS_KVV, QID, KID, qid_sb,
-                                      kid_sb, HAS_SEG, c_off, c_pre, CAUSAL, MSK, m_sb, m_sh, m_si,
-                                      m_sj, HAS_MASK, BIAS, BP, bp_sb, bp_sh, bp_si, bp_sj, TAB,
-                                      tab_sh, IDX, ix_sb, ix_si, ix_sj, RH, RW, rh_sb, rh_sh, rh_si,
-                                      rw_sb, rw_sh, rw_si, Rh, Rw, RP_WIN, qgw, kgw, ALPHA, SIGMA,
-                                      a_sh, GP, ggw, NK, KP, GMM, GADD, BM, BN, D, DV, DP, DVP,
-                                      DOT_DTYPE, PREC)
-        n_f = tl.load(FQ_NUM + b * l_sb + h * l_sh + kb)
-        for t in range(0, n_f):
-            qb = tl.load(FQ_IDX + b * lf_sb + h * lf_sh + kb * lf_sk + t)
-            dk, dv = _dkdv_step(dk, dv, kt, vt, b, h, kb, qb, tk, kin, kspan, ky, kx, offs_m, offs_d, offs_dv,
-                                Q, DO, LSE, DELTA, sq_b, sq_h, sq_m, sd_b, sd_h, sd_m, False, Lq, Lk, H, scale, Q_MODE, QS, QX, bq, nbx, wq, block, halo,
-                                      win_h, win_w, mh, mw, K_MODE, KS, KSY, KSX, KTX, ntx, ay, ax,
-                                      K_PAD, WIN, CLAMP, KVV, kvv_sb, HAS_KVV, QID, KID, qid_sb,
-                                      kid_sb, HAS_SEG, c_off, c_pre, CAUSAL, MSK, m_sb, m_sh, m_si,
-                                      m_sj, HAS_MASK, BIAS, BP, bp_sb, bp_sh, bp_si, bp_sj, TAB,
-                                      tab_sh, IDX, ix_sb, ix_si, ix_sj, RH, RW, rh_sb, rh_sh, rh_si,
-                                      rw_sb, rw_sh, rw_si, Rh, Rw, RP_WIN, qgw, kgw, ALPHA, SIGMA,
-                                      a_sh, GP, ggw, NK, KP, GMM, GADD, BM, BN, D, DV, DP, DVP,
-                                      DOT_DTYPE, PREC)
-        tl.store(DK + b * sdk_b + h * sdk_h + tk[:, None] * sdk_n + offs_d[None, :], dk.to(DK.dtype.element_ty),
-                 mask=kin[:, None] & (offs_d < D)[None, :])
-        tl.store(DV_ + b * sdv_b + h * sdv_h + tk[:, None] * sdv_n + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
-                 mask=kin[:, None] & (offs_dv < DV)[None, :])
-
-
-    @triton.jit
-    def _dq_step(dq, ga, gs, q, do, lse, delta, b, h, kb, tq, qv, ly, lx, sy, sx, offs_n, offs_d, offs_dv,
-                 K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                 DBIAS, db_sb, db_sh, db_si, db_sj, DB_ATOMIC: tl.constexpr, DTAB, DRH, DRW,
-                 KTY: tl.constexpr, PARTIAL: tl.constexpr, Lq, Lk, H, scale, Q_MODE: tl.constexpr, QS: tl.constexpr, QX: tl.constexpr, bq, nbx, wq,
-            block, halo, win_h, win_w, mh, mw, K_MODE: tl.constexpr, KS: tl.constexpr,
-            KSY: tl.constexpr, KSX: tl.constexpr, KTX: tl.constexpr, ntx, ay, ax, K_PAD: tl.constexpr,
-            WIN: tl.constexpr, CLAMP: tl.constexpr, KVV, kvv_sb, HAS_KVV: tl.constexpr, QID, KID,
-            qid_sb, kid_sb, HAS_SEG: tl.constexpr, c_off, c_pre, CAUSAL: tl.constexpr, MSK, m_sb, m_sh,
-            m_si, m_sj, HAS_MASK: tl.constexpr, BIAS: tl.constexpr, BP, bp_sb, bp_sh, bp_si, bp_sj,
-            TAB, tab_sh, IDX, ix_sb, ix_si, ix_sj, RH, RW, rh_sb, rh_sh, rh_si, rw_sb, rw_sh, rw_si,
-            Rh, Rw, RP_WIN: tl.constexpr, qgw, kgw, ALPHA, SIGMA, a_sh, GP, ggw, NK: tl.constexpr,
-            KP: tl.constexpr, GMM: tl.constexpr, GADD: tl.constexpr, BM: tl.constexpr,
-            BN: tl.constexpr, D, DV, DP: tl.constexpr, DVP: tl.constexpr, DOT_DTYPE: tl.constexpr,
-            PREC: tl.constexpr):
-        tk, kin, kspan, ky, kx = _kmap(kb, offs_n, Lk, K_MODE, KS, KSY, KSX, KTX, ntx, ay, ax, mh, mw)
-        kt = tl.load(K + b * sk_b + h * sk_h + tk[:, None] * sk_n + offs_d[None, :],
-                     mask=kin[:, None] & (offs_d < D)[None, :], other=0.0)
-        vt = tl.load(V + b * sv_b + h * sv_h + tk[:, None] * sv_n + offs_dv[None, :],
-                     mask=kin[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(kt), input_precision=PREC)
-        s = _logits(qk, b, h, tq, qv, ly, lx, sy, sx, tk, kin, kspan, ky, kx, scale, PARTIAL, K_MODE, K_PAD, WIN, CLAMP, win_h, win_w, KVV, kvv_sb, HAS_KVV, QID,
-                    KID, qid_sb, kid_sb, HAS_SEG, c_off, c_pre, CAUSAL, MSK, m_sb, m_sh, m_si, m_sj,
-                    HAS_MASK, BIAS, BP, bp_sb, bp_sh, bp_si, bp_sj, TAB, tab_sh, IDX, ix_sb, ix_si,
-                    ix_sj, RH, RW, rh_sb, rh_sh, rh_si, rw_sb, rw_sh, rw_si, Rh, Rw, RP_WIN, qgw, kgw,
-                    ALPHA, SIGMA, h * a_sh, GP, ggw, NK, GMM, GADD)
-        p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
-        p = tl.where(qv[:, None], p, 0.0)
-        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dsq = ds
-        if GMM:
-            m, d2, mod = _gmm_m(tq, tk, kin, h * a_sh, ALPHA, SIGMA, GP, ggw, NK, GADD)
-            offs_k = tl.arange(0, KP)
-            if GADD:
-                base = ds
-            else:
-                base = ds * (qk * scale)
-                dsq = ds * m
-            base = tl.where(mod, base, 0.0)
-            for c in tl.static_range(NK):
-                a = tl.load(ALPHA + h * a_sh * NK + c).to(tl.float32)
-                sg = tl.load(SIGMA + h * a_sh * NK + c).to(tl.float32)
-                g = tl.exp(-d2 / (2.0 * sg * sg))
-                ca = tl.sum(tl.sum(base * g, 1), 0)
-                cs = tl.sum(tl.sum(base * g * d2, 1), 0) * a / (sg * sg * sg)
-                ga += tl.where(offs_k == c, ca, 0.0)
-                gs += tl.where(offs_k == c, cs, 0.0)
-        dq += tl.dot((dsq * scale).to(DOT_DTYPE), kt, input_precision=PREC)
-        pair = qv[:, None] & kin[None, :]
-        if BIAS == 1:
-            ptrs = DBIAS + b * db_sb + h * db_sh + tq[:, None] * db_si + tk[None, :] * db_sj
-            if DB_ATOMIC:
-                tl.atomic_add(ptrs, ds, mask=pair)
-            else:
-                tl.store(ptrs, ds, mask=pair)
-        if BIAS == 2:
-            iv = tl.load(IDX + b * ix_sb + tq[:, None] * ix_si + tk[None, :] * ix_sj, mask=pair, other=0)
-            tl.atomic_add(DTAB + h * tab_sh + iv, ds, mask=pair)
-        if BIAS == 3:
-            if RP_WIN:
-                ds3 = tl.reshape(ds, (BM, KTY, KTX))
-                dh = tl.sum(ds3, 2)
-                dw = tl.sum(ds3, 1)
-                ty = kb // ntx
-                tx = kb % ntx
-                ry = ty * KSY - ay + tl.arange(0, KTY)
-                rx = tx * KSX - ax + tl.arange(0, KTX)
-                iy = (ry - sy)[None, :] - ly[:, None] + Rh // 2
-                ix = (rx - sx)[None, :] - lx[:, None] + Rw // 2
-                okh = qv[:, None] & (tl.arange(0, KTY) < KSY)[None, :] & (iy >= 0) & (iy < Rh)
-                okw = qv[:, None] & (tl.arange(0, KTX) < KSX)[None, :] & (ix >= 0) & (ix < Rw)
-                tl.atomic_add(DRH + b * rh_sb + h * rh_sh + tq[:, None] * rh_si + iy, dh, mask=okh)
-                tl.atomic_add(DRW + b * rw_sb + h * rw_sh + tq[:, None] * rw_si + ix, dw, mask=okw)
-            else:
-                iy = (tk // kgw)[None, :] - (tq // qgw)[:, None] + Rh // 2
-                ix = (tk % kgw)[None, :] - (tq % qgw)[:, None] + Rw // 2
-                okh = pair & (iy >= 0) & (iy < Rh)
-                okw = pair & (ix >= 0) & (ix < Rw)
-                tl.atomic_add(DRH + b * rh_sb + h * rh_sh + tq[:, None] * rh_si + iy, ds, mask=okh)
-                tl.atomic_add(DRW + b * rw_sb + h * rw_sh + tq[:, None] * rw_si + ix, ds, mask=okw)
+    def _dq_tiles(dq, ga, gs, q, do, lse, delta, b, h, qb, qpos, lst, K, V, G, dims, geo, pred, mods, tile, feat,
+                  PARTIAL: tl.constexpr):
+        """dQ over the key tiles of one LUT list, with the modifiers' parameter gradients (GMM
+        into ga/gs, bias / table / rel-pos into the buffers of G)."""
+        tq, qv, ly, lx, sy, sx = qpos
+        for t in range(0, _list_len(lst, b, h, qb)):
+            kb = _list_item(lst, b, h, qb, t)
+            kpos, kt, vt = _key_tile(K, V, b, h, kb, dims, geo, tile)
+            tk, kin = kpos[0], kpos[1]
+            qk = tl.dot(q, tl.trans(kt), input_precision=tile.PREC)
+            s = _logits(qk, b, h, qpos, kpos, dims, geo, pred, mods, tile, feat, PARTIAL)
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            p = tl.where(qv[:, None], p, 0.0)
+            dp = tl.dot(do, tl.trans(vt), input_precision=tile.PREC)
+            ds = p * (dp - delta[:, None])
+            dsq = ds
+            if feat.GMM:
+                gmm = mods.gmm
+                m, d2, mod = _gmm_m(tq, tk, kin, h, gmm, feat)
+                offs_k = tl.arange(0, feat.KP)
+                if feat.GADD:
+                    base = ds
+                else:
+                    base = ds * (qk * dims.scale)
+                    dsq = ds * m
+                base = tl.where(mod, base, 0.0)
+                for c in tl.static_range(feat.NK):
+                    a = tl.load(gmm.alpha + h * gmm.a_sh * feat.NK + c).to(tl.float32)
+                    sg = tl.load(gmm.sigma + h * gmm.a_sh * feat.NK + c).to(tl.float32)
+                    g = tl.exp(-d2 / (2.0 * sg * sg))
+                    ca = tl.sum(tl.sum(base * g, 1), 0)
+                    cs = tl.sum(tl.sum(base * g * d2, 1), 0) * a / (sg * sg * sg)
+                    ga += tl.where(offs_k == c, ca, 0.0)
+                    gs += tl.where(offs_k == c, cs, 0.0)
+            dq += tl.dot((dsq * dims.scale).to(tile.DOT_DTYPE), kt, input_precision=tile.PREC)
+            pair = qv[:, None] & kin[None, :]
+            if feat.BIAS == 1:
+                ptrs = _pair_ptrs(G.dbias, b, h, tq, tk)
+                if feat.DB_ATOMIC:
+                    tl.atomic_add(ptrs, ds, mask=pair)
+                else:
+                    tl.store(ptrs, ds, mask=pair)
+            if feat.BIAS == 2:
+                tab = mods.table
+                iv = tl.load(_pair_ptrs(tab.index, b, h, tq, tk), mask=pair, other=0)
+                tl.atomic_add(G.dtable + h * tab.t_sh + iv, ds, mask=pair)
+            if feat.BIAS == 3:
+                rp = mods.relpos
+                drh = G.drh + b * rp.rh.s_b + h * rp.rh.s_h + tq[:, None] * rp.rh.s_n
+                drw = G.drw + b * rp.rw.s_b + h * rp.rw.s_h + tq[:, None] * rp.rw.s_n
+                if feat.RP_WIN:
+                    ds3 = tl.reshape(ds, (tile.BM, tile.KTY, tile.KTX))
+                    dh = tl.sum(ds3, 2)
+                    dw = tl.sum(ds3, 1)
+                    ty = kb // geo.ntx
+                    tx = kb % geo.ntx
+                    ry = ty * tile.KSY - geo.ay + tl.arange(0, tile.KTY)
+                    rx = tx * tile.KSX - geo.ax + tl.arange(0, tile.KTX)
+                    iy = (ry - sy)[None, :] - ly[:, None] + rp.Rh // 2
+                    ix = (rx - sx)[None, :] - lx[:, None] + rp.Rw // 2
+                    okh = qv[:, None] & (tl.arange(0, tile.KTY) < tile.KSY)[None, :] & (iy >= 0) & (iy < rp.Rh)
+                    okw = qv[:, None] & (tl.arange(0, tile.KTX) < tile.KSX)[None, :] & (ix >= 0) & (ix < rp.Rw)
+                    tl.atomic_add(drh + iy, dh, mask=okh)
+                    tl.atomic_add(drw + ix, dw, mask=okw)
+                else:
+                    iy = (tk // rp.kgw)[None, :] - (tq // rp.qgw)[:, None] + rp.Rh // 2
+                    ix = (tk % rp.kgw)[None, :] - (tq % rp.qgw)[:, None] + rp.Rw // 2
+                    okh = pair & (iy >= 0) & (iy < rp.Rh)
+                    okw = pair & (ix >= 0) & (ix < rp.Rw)
+                    tl.atomic_add(drh + iy, ds, mask=okh)
+                    tl.atomic_add(drw + ix, ds, mask=okw)
         return dq, ga, gs
 
-
     @triton.jit
-    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                     sd_b, sd_h, sd_m, sdq_b, sdq_h, sdq_m,
-                     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, l_sb, l_sh, li_sb, li_sh, li_sq, lf_sb, lf_sh, lf_sq,
-                     DBIAS, db_sb, db_sh, db_si, db_sj, DB_ATOMIC: tl.constexpr, DTAB, DRH, DRW, DALPHA, DSIGMA,
-                     KTY: tl.constexpr, Lq, Lk, H, scale, Q_MODE: tl.constexpr, QS: tl.constexpr, QX: tl.constexpr, bq, nbx, wq,
-            block, halo, win_h, win_w, mh, mw, K_MODE: tl.constexpr, KS: tl.constexpr,
-            KSY: tl.constexpr, KSX: tl.constexpr, KTX: tl.constexpr, ntx, ay, ax, K_PAD: tl.constexpr,
-            WIN: tl.constexpr, CLAMP: tl.constexpr, KVV, kvv_sb, HAS_KVV: tl.constexpr, QID, KID,
-            qid_sb, kid_sb, HAS_SEG: tl.constexpr, c_off, c_pre, CAUSAL: tl.constexpr, MSK, m_sb, m_sh,
-            m_si, m_sj, HAS_MASK: tl.constexpr, BIAS: tl.constexpr, BP, bp_sb, bp_sh, bp_si, bp_sj,
-            TAB, tab_sh, IDX, ix_sb, ix_si, ix_sj, RH, RW, rh_sb, rh_sh, rh_si, rw_sb, rw_sh, rw_si,
-            Rh, Rw, RP_WIN: tl.constexpr, qgw, kgw, ALPHA, SIGMA, a_sh, GP, ggw, NK: tl.constexpr,
-            KP: tl.constexpr, GMM: tl.constexpr, GADD: tl.constexpr, BM: tl.constexpr,
-            BN: tl.constexpr, D, DV, DP: tl.constexpr, DVP: tl.constexpr, DOT_DTYPE: tl.constexpr,
-            PREC: tl.constexpr):
-        qb = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_m = tl.arange(0, BM)
-        offs_n = tl.arange(0, BN)
-        offs_d = tl.arange(0, DP)
-        offs_dv = tl.arange(0, DVP)
-        tq, qv, ly, lx, sy, sx = _qmap(qb, offs_m, Lq, Q_MODE, QS, QX, bq, nbx, wq, block, halo, win_h, win_w,
-                                       mh, mw, CLAMP)
-        q = tl.load(Q + b * sq_b + h * sq_h + tq[:, None] * sq_m + offs_d[None, :],
-                    mask=qv[:, None] & (offs_d < D)[None, :], other=0.0)
-        do = tl.load(DO + b * sd_b + h * sd_h + tq[:, None] * sd_m + offs_dv[None, :],
-                     mask=qv[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        lse = tl.load(LSE + bh * Lq + tq, mask=qv, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
-        delta = tl.load(DELTA + bh * Lq + tq, mask=qv, other=0.0)
-        dq = tl.zeros([BM, DP], dtype=tl.float32)
-        ga = tl.zeros([KP], dtype=tl.float32)
-        gs = tl.zeros([KP], dtype=tl.float32)
-        n_p = tl.load(KV_NUM + b * l_sb + h * l_sh + qb)
-        for t in range(0, n_p):
-            kb = tl.load(KV_IDX + b * li_sb + h * li_sh + qb * li_sq + t)
-            dq, ga, gs = _dq_step(dq, ga, gs, q, do, lse, delta, b, h, kb, tq, qv, ly, lx, sy, sx, offs_n, offs_d,
-                                  offs_dv, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, DBIAS, db_sb, db_sh, db_si, db_sj,
-                                  DB_ATOMIC, DTAB, DRH, DRW, KTY, True, Lq, Lk, H, scale, Q_MODE, QS, QX, bq, nbx, wq, block, halo,
-                                      win_h, win_w, mh, mw, K_MODE, KS, KSY, KSX, KTX, ntx, ay, ax,
-                                      K_PAD, WIN, CLAMP, KVV, kvv_sb, HAS_KVV, QID, KID, qid_sb,
-                                      kid_sb, HAS_SEG, c_off, c_pre, CAUSAL, MSK, m_sb, m_sh, m_si,
-                                      m_sj, HAS_MASK, BIAS, BP, bp_sb, bp_sh, bp_si, bp_sj, TAB,
-                                      tab_sh, IDX, ix_sb, ix_si, ix_sj, RH, RW, rh_sb, rh_sh, rh_si,
-                                      rw_sb, rw_sh, rw_si, Rh, Rw, RP_WIN, qgw, kgw, ALPHA, SIGMA,
-                                      a_sh, GP, ggw, NK, KP, GMM, GADD, BM, BN, D, DV, DP, DVP,
-                                      DOT_DTYPE, PREC)
-        n_f = tl.load(FULL_NUM + b * l_sb + h * l_sh + qb)
-        for t in range(0, n_f):
-            kb = tl.load(FULL_IDX + b * lf_sb + h * lf_sh + qb * lf_sq + t)
-            dq, ga, gs = _dq_step(dq, ga, gs, q, do, lse, delta, b, h, kb, tq, qv, ly, lx, sy, sx, offs_n, offs_d,
-                                  offs_dv, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, DBIAS, db_sb, db_sh, db_si, db_sj,
-                                  DB_ATOMIC, DTAB, DRH, DRW, KTY, False, Lq, Lk, H, scale, Q_MODE, QS, QX, bq, nbx, wq, block, halo,
-                                      win_h, win_w, mh, mw, K_MODE, KS, KSY, KSX, KTX, ntx, ay, ax,
-                                      K_PAD, WIN, CLAMP, KVV, kvv_sb, HAS_KVV, QID, KID, qid_sb,
-                                      kid_sb, HAS_SEG, c_off, c_pre, CAUSAL, MSK, m_sb, m_sh, m_si,
-                                      m_sj, HAS_MASK, BIAS, BP, bp_sb, bp_sh, bp_si, bp_sj, TAB,
-                                      tab_sh, IDX, ix_sb, ix_si, ix_sj, RH, RW, rh_sb, rh_sh, rh_si,
-                                      rw_sb, rw_sh, rw_si, Rh, Rw, RP_WIN, qgw, kgw, ALPHA, SIGMA,
-                                      a_sh, GP, ggw, NK, KP, GMM, GADD, BM, BN, D, DV, DP, DVP,
-                                      DOT_DTYPE, PREC)
-        tl.store(DQ + b * sdq_b + h * sdq_h + tq[:, None] * sdq_m + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                 mask=qv[:, None] & (offs_d < D)[None, :])
-        if GMM:
-            offs_k = tl.arange(0, KP)
-            tl.atomic_add(DALPHA + h * a_sh * NK + offs_k, ga, mask=offs_k < NK)
-            tl.atomic_add(DSIGMA + h * a_sh * NK + offs_k, gs, mask=offs_k < NK)
+    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, part, full, G, dims, geo, pred, mods, tile: tl.constexpr,
+                     feat: tl.constexpr):
+        """dQ of one query tile of one (batch, head); the modifiers' parameter gradients by atomics."""
+        qb, bh, b, h = _program(dims)
+        qpos, q = _query_tile(Q, b, h, qb, dims, geo, tile, feat)
+        do, lse, delta = _grad_rows(DO, LSE, DELTA, b, h, bh, qpos, dims, tile)
+        dq = tl.zeros([tile.BM, tile.DP], dtype=tl.float32)
+        ga = tl.zeros([feat.KP], dtype=tl.float32)
+        gs = tl.zeros([feat.KP], dtype=tl.float32)
+        dq, ga, gs = _dq_tiles(dq, ga, gs, q, do, lse, delta, b, h, qb, qpos, part, K, V, G, dims, geo, pred, mods,
+                               tile, feat, True)
+        dq, ga, gs = _dq_tiles(dq, ga, gs, q, do, lse, delta, b, h, qb, qpos, full, K, V, G, dims, geo, pred, mods,
+                               tile, feat, False)
+        store_tile(DQ, b, h, qpos[0], qpos[1], tl.arange(0, tile.DP), dims.D, dq)
+        if feat.GMM:
+            offs_k = tl.arange(0, feat.KP)
+            a_off = h * mods.gmm.a_sh * feat.NK + offs_k
+            tl.atomic_add(G.dalpha + a_off, ga, mask=offs_k < feat.NK)
+            tl.atomic_add(G.dsigma + a_off, gs, mask=offs_k < feat.NK)
 
 
-# ----------------------------------------------------------------------------------------------
-# host side
-# ----------------------------------------------------------------------------------------------
 # ------------------------------------------------------------------------------------------------
 # host side
 # ------------------------------------------------------------------------------------------------
 def _neutral_args(dev):
-    """Kernel arguments with every layout predicate and modifier switched off."""
+    """Flat kernel arguments with every layout predicate and modifier switched off (the keys that
+    `Layout.triton_args` and `Modifier.triton_args` override)."""
     dummy = torch.zeros(1, device=dev, dtype=torch.int32)
     fdummy = torch.zeros(1, device=dev, dtype=torch.float32)
     return dict(bq=1, nbx=1, wq=1, block=1, halo=0, win_h=1, win_w=1, mh=1, mw=1, WIN=False, CLAMP=False,
@@ -560,8 +581,16 @@ def _neutral_grads(fdummy):
                 DRW=fdummy, DALPHA=fdummy, DSIGMA=fdummy)
 
 
+def _pair_map(a, ptr, prefix):
+    return PairMap(a[ptr], a[prefix + "sb"], a[prefix + "sh"], a[prefix + "si"], a[prefix + "sj"])
+
+
+def _tile_list(num, idx) -> TileList:
+    return TileList(num, bs(num, 0), bs(num, 1), idx, bs(idx, 0), bs(idx, 1), idx.stride(2))
+
+
 class _Plan:
-    """Everything a launch needs: LUT, kernel scalar/constexpr arguments and auxiliary tensors."""
+    """Everything a launch needs: the LUT and the kernels' argument bundles."""
 
     def __init__(self, q, k, v, layout, scale, mods):
         B, H, Lq, D = q.shape
@@ -578,44 +607,50 @@ class _Plan:
         lut = build_lut(layout, Lq, Lk, dev, TILE_OPTIONS["block_m"], block_n)
         self.lut = lut
         a, self.fdummy = _neutral_args(dev)
-        a.update(Lq=Lq, Lk=Lk, H=H, scale=float(scale), Q_MODE=lut.q_mode, QS=lut.QS, QX=lut.QX,
-                 K_MODE=lut.k_mode, KS=lut.KS, KSY=lut.KSY, KSX=lut.KSX, KTX=lut.KTX, ntx=lut.ntx, ay=lut.ay,
-                 ax=lut.ax, K_PAD=bool(lut.k_pad), BM=lut.BM, BN=lut.BN, D=D, DV=Dv,
-                 DP=pow2_at_least_16(D), DVP=pow2_at_least_16(Dv),
-                 DOT_DTYPE={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(q.dtype, tl.float32),
-                 PREC="ieee" if q.dtype == torch.float32 else "tf32")
-        self.KTY = lut.KTY
         if layout is not None:
             a.update(layout.triton_args(dev))
         for m in self.mods:
             a.update(m.triton_args(layout, dev))
-        self.args = a
-        big = max(a["DP"], a["DVP"])
+        self.args = a                     # flat, as the modifiers' `triton_grad_buffers` read them
+        self.dims = Dims(Lq, Lk, H, D, Dv, float(scale))
+        self.geo = Geometry(a["bq"], a["nbx"], a["wq"], a["block"], a["halo"], a["win_h"], a["win_w"], a["mh"],
+                            a["mw"], lut.ntx, lut.ay, lut.ax)
+        self.pred = Predicates(KeyValid(a["KVV"], a["kvv_sb"]), Segments(a["QID"], a["KID"], a["qid_sb"], a["kid_sb"]),
+                               Causal(a["c_off"], a["c_pre"]), _pair_map(a, "MSK", "m_"))
+        self.modifiers = Modifiers(
+            bias=_pair_map(a, "BP", "bp_"),
+            table=Table(a["TAB"], a["tab_sh"], PairMap(a["IDX"], a["ix_sb"], 0, a["ix_si"], a["ix_sj"])),
+            relpos=RelPos(Rows(a["RH"], a["rh_sb"], a["rh_sh"], a["rh_si"]),
+                          Rows(a["RW"], a["rw_sb"], a["rw_sh"], a["rw_si"]), a["Rh"], a["Rw"], a["qgw"], a["kgw"]),
+            gmm=Gmm(a["ALPHA"], a["SIGMA"], a["a_sh"], a["GP"], a["ggw"]))
+        DP, DVP = pow2_at_least_16(D), pow2_at_least_16(Dv)
+        dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(q.dtype, tl.float32)
+        self.tiles = Tiles(Q_MODE=lut.q_mode, QS=lut.QS, QX=lut.QX, K_MODE=lut.k_mode, KS=lut.KS, KSY=lut.KSY,
+                           KSX=lut.KSX, KTY=lut.KTY, KTX=lut.KTX, K_PAD=bool(lut.k_pad), BM=lut.BM, BN=lut.BN,
+                           DP=DP, DVP=DVP, DOT_DTYPE=dot_dtype, PREC="ieee" if q.dtype == torch.float32 else "tf32")
+        self.features = Features(*(bool(a[f]) if f not in ("BIAS", "NK", "KP") else int(a[f])
+                                   for f in Features._fields[:-1]), DB_ATOMIC=False)
         self.num_warps = 8 if heavy and lut.BM * lut.BN >= 64 * 32 else 4
         # wide heads and heavy tiles: fewer pipeline stages (shared memory, registers)
-        self.launch = dict(num_warps=self.num_warps, num_stages=2 if big >= 128 or heavy else 3)
+        self.launch = dict(num_warps=self.num_warps, num_stages=2 if max(DP, DVP) >= 128 or heavy else 3)
 
-    def lut_args(self, transposed=False):
+    def tile_lists(self, transposed=False):
+        """(partial, full) lists per query tile, or per key tile when `transposed` (dK/dV)."""
         L = self.lut
         if not transposed:
-            n, i, fn, fi = L.kv_num, L.kv_idx, L.full_num, L.full_idx
-        else:
-            n, i, fn, fi = L.q_num, L.q_idx, L.fq_num, L.fq_idx
-        return (n, i, fn, fi, bs(n, 0), bs(n, 1), bs(i, 0), bs(i, 1), i.stride(2),
-                bs(fi, 0), bs(fi, 1), fi.stride(2))
+            return _tile_list(L.kv_num, L.kv_idx), _tile_list(L.full_num, L.full_idx)
+        return _tile_list(L.q_num, L.q_idx), _tile_list(L.fq_num, L.fq_idx)
 
-
-def _strides(*ts):
-    """(batch, head, row) strides of each (B, H, L, D) tensor, flattened (the kernels' order)."""
-    return [s for t in ts for s in (t.stride(0), t.stride(1), t.stride(2))]
+    def layout_args(self):
+        return self.dims, self.geo, self.pred, self.modifiers
 
 
 def _fwd(plan: _Plan, q, k, v):
     B, H, Lq = plan.B, plan.H, plan.Lq
     out = torch.empty(B, H, Lq, plan.Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
-    _attn_fwd[(plan.lut.nQB, B * H)](q, k, v, out, lse, *_strides(q, k, v, out), *plan.lut_args(),
-                                     **plan.args, **plan.launch)
+    _attn_fwd[(plan.lut.nQB, B * H)](rows(q), rows(k), rows(v), rows(out), lse, *plan.tile_lists(),
+                                     *plan.layout_args(), plan.tiles, plan.features, **plan.launch)
     return out, lse
 
 
@@ -629,18 +664,20 @@ def _bwd(plan: _Plan, dout, dlse, q, k, v, out, lse):
     dq = torch.empty_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
-    a = plan.args
-    _attn_bwd_dkdv[(plan.lut.nKB, B * H)](q, k, v, dout, lse, delta, dk, dv, *_strides(q, k, v, dout, dk, dv),
-                                          *plan.lut_args(transposed=True), **a, **plan.launch)
+    Q, K, V, DO = rows(q), rows(k), rows(v), rows(dout)
+    _attn_bwd_dkdv[(plan.lut.nKB, B * H)](Q, K, V, DO, lse, delta, rows(dk), rows(dv), *plan.tile_lists(True),
+                                          *plan.layout_args(), plan.tiles, plan.features, **plan.launch)
     shape = (B, H, plan.Lq, plan.Lk)
-    grads = _neutral_grads(plan.fdummy)
+    g = _neutral_grads(plan.fdummy)
     per_mod = []
     for m in plan.mods:
-        bufs = m.triton_grad_buffers(a, shape, q.device)
-        grads.update(bufs)
+        bufs = m.triton_grad_buffers(plan.args, shape, q.device)
+        g.update(bufs)
         per_mod.append(bufs)
-    _attn_bwd_dq[(plan.lut.nQB, B * H)](q, k, v, dout, lse, delta, dq, *_strides(q, k, v, dout, dq),
-                                        *plan.lut_args(), KTY=plan.KTY, **grads, **a, **plan.launch)
+    grads = ModGrads(_pair_map(g, "DBIAS", "db_"), g["DTAB"], g["DRH"], g["DRW"], g["DALPHA"], g["DSIGMA"])
+    feats = plan.features._replace(DB_ATOMIC=bool(g["DB_ATOMIC"]))
+    _attn_bwd_dq[(plan.lut.nQB, B * H)](Q, K, V, DO, lse, delta, rows(dq), *plan.tile_lists(), grads,
+                                        *plan.layout_args(), plan.tiles, feats, **plan.launch)
     fgrads = [g for m, bufs in zip(plan.mods, per_mod) for g in m.triton_grads(bufs)]
     return dq, dk, dv, fgrads
 

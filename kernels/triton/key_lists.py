@@ -15,11 +15,12 @@ owns it).
 The per-pair dot products run on CUDA cores, the block-sparse kernel's tiles on tensor cores; which
 of the two takes a call is the router's choice (kernels/op.py, `prefer_gather`).
 """
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 
-from ._common import HAS_TRITON, bs, call_reason, contig, pow2_at_least_16, tl, triton
+from ._common import HAS_TRITON, bs, call_reason, contig, load_tile, pow2_at_least_16, row_base, rows, store_tile, tl, \
+    triton
 
 __all__ = ["can_run", "run", "keylist_attention"]
 
@@ -41,125 +42,141 @@ def can_run(q, k, v, layout, mods, dropout_p):
     return not why, why
 
 
+class KeyIndex(NamedTuple):
+    """The key lists (B|1, H|1, Lq, K) int: pointer, batch / head strides (0: broadcast), row and
+    slot strides."""
+    ptr: torch.Tensor
+    s_b: int
+    s_h: int
+    s_l: int
+    s_j: int
+
+
+class ListDims(NamedTuple):
+    """H heads, Lq queries, Lk keys, NK slots per list, the first DENSE query rows attend every key,
+    NMAX slots walked by a block holding a dense row (max(Lk, NK)), softmax scale."""
+    H: int
+    Lq: int
+    Lk: int
+    NK: int
+    DENSE: int
+    NMAX: int
+    scale: float
+
+
+class Config(NamedTuple):
+    """Constexpr: head dims (D, DV), padded to DP, DVP; BM query rows per program, BK slots per chunk."""
+    D: int
+    DV: int
+    DP: int
+    DVP: int
+    BM: int
+    BK: int
+
+
 if HAS_TRITON:
 
     @triton.jit
-    def _chunk_keys(IDX, idx_row, rows, rvalid, dense, j, row_len, s_ij, Lk):
+    def _row_block(lists, dims, cfg):
+        """This program's batch, head, b·H + h, its BM query rows and which exist, the walk of their
+        lists (list row pointers, validity, dense flags, lengths) and the number of slots to walk
+        (a block holding a dense row walks max(Lk, K) slots: its listed rows may have K > Lk)."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // dims.H
+        h = bh % dims.H
+        rows = pid * cfg.BM + tl.arange(0, cfg.BM)
+        rvalid = rows < dims.Lq
+        dense = rows < dims.DENSE
+        walk = (lists.ptr + b * lists.s_b + h * lists.s_h + rows * lists.s_l, rvalid, dense,
+                tl.where(dense, dims.Lk, dims.NK))
+        n_slots = tl.where(pid * cfg.BM < dims.DENSE, dims.NMAX, dims.NK)
+        return b, h, bh, rows, rvalid, walk, n_slots
+
+    @triton.jit
+    def _chunk_keys(walk, lists, j, Lk):
         """Key ids of list slots j for each row (dense rows: key j), and which slots are real."""
+        row_ptr, rvalid, dense, row_len = walk
         in_list = rvalid[:, None] & (j[None, :] < row_len[:, None])
         listed = in_list & (dense == 0)[:, None]
-        key = tl.load(IDX + idx_row[:, None] + j[None, :] * s_ij, mask=listed, other=-1)
+        key = tl.load(row_ptr[:, None] + j[None, :] * lists.s_j, mask=listed, other=-1)
         key = tl.where(dense[:, None], j[None, :], key)
         ok = in_list & (key >= 0) & (key < Lk)
         return tl.where(ok, key, 0), ok
 
     @triton.jit
-    def _row_block(H, Lq, Lk, NK, DENSE, NMAX, BM: tl.constexpr):
-        """This program's (batch, head), its BM query rows, each row's list length and the loop
-        bound (a block holding a dense row walks max(Lk, K) slots: its listed rows may have K > Lk)."""
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-        rows = pid * BM + tl.arange(0, BM)
-        dense = rows < DENSE
-        n_slots = tl.where(pid * BM < DENSE, NMAX, NK)
-        return bh // H, bh % H, bh, rows, rows < Lq, dense, tl.where(dense, Lk, NK), n_slots
+    def _gather(T, b, h, key, ok, cols, n):
+        """(BM, BK, len(cols)) fp32 tile of the rows `key` of a `Rows` bundle (0 where not ok)."""
+        return tl.load(row_base(T, b, h) + key[:, :, None] * T.s_n + cols[None, None, :],
+                       mask=ok[:, :, None] & (cols[None, None, :] < n), other=0.0).to(tl.float32)
 
     @triton.jit
-    def _keylist_fwd(Q, K, V, IDX, OUT, LSE,
-                     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
-                     s_ib, s_ih, s_il, s_ij,
-                     H, Lq, Lk, NK, DENSE, NMAX, scale,
-                     D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                     BM: tl.constexpr, BK: tl.constexpr):
-        b, h, bh, rows, rvalid, dense, row_len, n_slots = _row_block(H, Lq, Lk, NK, DENSE, NMAX, BM)
-        od = tl.arange(0, DP)
-        odv = tl.arange(0, DVP)
-        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_ql + od[None, :],
-                    mask=rvalid[:, None] & (od[None, :] < D), other=0.0).to(tl.float32)
-        k_base = K + b * s_kb + h * s_kh
-        v_base = V + b * s_vb + h * s_vh
-        idx_row = b * s_ib + h * s_ih + rows * s_il
-        m_i = tl.full([BM], float("-inf"), tl.float32)
-        l_i = tl.zeros([BM], tl.float32)
-        acc = tl.zeros([BM, DVP], tl.float32)
-        for c in range(0, n_slots, BK):
-            j = c + tl.arange(0, BK)
-            key, ok = _chunk_keys(IDX, idx_row, rows, rvalid, dense, j, row_len, s_ij, Lk)
-            kg = tl.load(k_base + key[:, :, None] * s_kl + od[None, None, :],
-                         mask=ok[:, :, None] & (od[None, None, :] < D), other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * kg, axis=2) * scale
+    def _keylist_fwd(Q, K, V, OUT, LSE, lists, dims, cfg: tl.constexpr):
+        b, h, bh, rows, rvalid, walk, n_slots = _row_block(lists, dims, cfg)
+        od = tl.arange(0, cfg.DP)
+        odv = tl.arange(0, cfg.DVP)
+        q = load_tile(Q, b, h, rows, rvalid, od, cfg.D).to(tl.float32)
+        m_i = tl.full([cfg.BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([cfg.BM], tl.float32)
+        acc = tl.zeros([cfg.BM, cfg.DVP], tl.float32)
+        for c in range(0, n_slots, cfg.BK):
+            key, ok = _chunk_keys(walk, lists, c + tl.arange(0, cfg.BK), dims.Lk)
+            kg = _gather(K, b, h, key, ok, od, cfg.D)
+            s = tl.sum(q[:, None, :] * kg, axis=2) * dims.scale
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_ref)
             p = tl.exp(s - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            vg = tl.load(v_base + key[:, :, None] * s_vl + odv[None, None, :],
-                         mask=ok[:, :, None] & (odv[None, None, :] < DV), other=0.0).to(tl.float32)
+            vg = _gather(V, b, h, key, ok, odv, cfg.DV)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vg, axis=1)
             m_i = m_new
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
-        tl.store(OUT + b * s_ob + h * s_oh + rows[:, None] * s_ol + odv[None, :], out.to(OUT.dtype.element_ty),
-                 mask=rvalid[:, None] & (odv[None, :] < DV))
-        tl.store(LSE + bh * Lq + rows, lse, mask=rvalid)
+        store_tile(OUT, b, h, rows, rvalid, odv, cfg.DV, acc / l_safe[:, None])
+        tl.store(LSE + bh * dims.Lq + rows, tl.where(empty, float("-inf"), m_i + tl.log(l_safe)), mask=rvalid)
 
     @triton.jit
-    def _keylist_bwd(Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV,
-                     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_db, s_dh, s_dl,
-                     s_ib, s_ih, s_il, s_ij,
-                     H, Lq, Lk, NK, DENSE, NMAX, scale,
-                     D: tl.constexpr, DV_: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                     BM: tl.constexpr, BK: tl.constexpr):
-        """dQ (stored), dK and dV (fp32 atomics into contiguous (B, H, Lk, *) buffers)."""
-        b, h, bh, rows, rvalid, dense, row_len, n_slots = _row_block(H, Lq, Lk, NK, DENSE, NMAX, BM)
-        od = tl.arange(0, DP)
-        odv = tl.arange(0, DVP)
-        dmask = od[None, :] < D
-        dvmask = odv[None, :] < DV_
-        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_ql + od[None, :],
-                    mask=rvalid[:, None] & dmask, other=0.0).to(tl.float32)
-        do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dl + odv[None, :],
-                     mask=rvalid[:, None] & dvmask, other=0.0).to(tl.float32)
-        lse = tl.load(LSE + bh * Lq + rows, mask=rvalid, other=0.0)
+    def _keylist_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, lists, dims, cfg: tl.constexpr):
+        """dQ (stored), dK and dV (fp32 atomics into (B, H, Lk, *) buffers)."""
+        b, h, bh, rows, rvalid, walk, n_slots = _row_block(lists, dims, cfg)
+        od = tl.arange(0, cfg.DP)
+        odv = tl.arange(0, cfg.DVP)
+        q = load_tile(Q, b, h, rows, rvalid, od, cfg.D).to(tl.float32)
+        do = load_tile(DO, b, h, rows, rvalid, odv, cfg.DV).to(tl.float32)
+        lse = tl.load(LSE + bh * dims.Lq + rows, mask=rvalid, other=0.0)
         lse = tl.where(lse == float("-inf"), 0.0, lse)         # rows without keys: every p is 0 below
-        delta = tl.load(DELTA + bh * Lq + rows, mask=rvalid, other=0.0)
-        k_base = K + b * s_kb + h * s_kh
-        v_base = V + b * s_vb + h * s_vh
-        dk_base = DK + bh * Lk * D
-        dv_base = DV + bh * Lk * DV_
-        idx_row = b * s_ib + h * s_ih + rows * s_il
-        dq = tl.zeros([BM, DP], tl.float32)
-        for c in range(0, n_slots, BK):
-            j = c + tl.arange(0, BK)
-            key, ok = _chunk_keys(IDX, idx_row, rows, rvalid, dense, j, row_len, s_ij, Lk)
-            kmask = ok[:, :, None] & (od[None, None, :] < D)
-            vmask = ok[:, :, None] & (odv[None, None, :] < DV_)
-            kg = tl.load(k_base + key[:, :, None] * s_kl + od[None, None, :], mask=kmask, other=0.0).to(tl.float32)
-            vg = tl.load(v_base + key[:, :, None] * s_vl + odv[None, None, :], mask=vmask, other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * kg, axis=2) * scale
+        delta = tl.load(DELTA + bh * dims.Lq + rows, mask=rvalid, other=0.0)
+        dk_base = row_base(DK, b, h)
+        dv_base = row_base(DV, b, h)
+        dq = tl.zeros([cfg.BM, cfg.DP], tl.float32)
+        for c in range(0, n_slots, cfg.BK):
+            key, ok = _chunk_keys(walk, lists, c + tl.arange(0, cfg.BK), dims.Lk)
+            kg = _gather(K, b, h, key, ok, od, cfg.D)
+            vg = _gather(V, b, h, key, ok, odv, cfg.DV)
+            s = tl.sum(q[:, None, :] * kg, axis=2) * dims.scale
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.sum(do[:, None, :] * vg, axis=2)
             ds = p * (dp - delta[:, None])
             dq += tl.sum(ds[:, :, None] * kg, axis=1)
-            tl.atomic_add(dv_base + key[:, :, None] * DV_ + odv[None, None, :], p[:, :, None] * do[:, None, :],
-                          mask=vmask)
-            tl.atomic_add(dk_base + key[:, :, None] * D + od[None, None, :], (ds * scale)[:, :, None] * q[:, None, :],
-                          mask=kmask)
-        tl.store(DQ + bh * Lq * D + rows[:, None] * D + od[None, :], dq * scale, mask=rvalid[:, None] & dmask)
+            tl.atomic_add(dv_base + key[:, :, None] * DV.s_n + odv[None, None, :], p[:, :, None] * do[:, None, :],
+                          mask=ok[:, :, None] & (odv[None, None, :] < cfg.DV))
+            tl.atomic_add(dk_base + key[:, :, None] * DK.s_n + od[None, None, :],
+                          (ds * dims.scale)[:, :, None] * q[:, None, :], mask=ok[:, :, None] & (od[None, None, :] < cfg.D))
+        store_tile(DQ, b, h, rows, rvalid, od, cfg.D, dq * dims.scale)
 
 
-def _launch_args(q, k, v, index, kv_len, dense_rows):
+def _launch_args(q, v, index, kv_len, dense_rows, scale):
+    """-> grid, then the kernels' (lists, dims, cfg) bundles."""
     B, H, Lq, D = q.shape
     Dv = v.shape[-1]
     DP, DVP = pow2_at_least_16(D), pow2_at_least_16(Dv)
     bk = max(1, min(16, GATHER_ELEMS // (BLOCK_M * max(DP, DVP))))
-    common = (bs(index, 0), bs(index, 1), index.stride(2), index.stride(3),
-              H, Lq, kv_len, index.shape[-1], dense_rows, max(kv_len, index.shape[-1]))
-    meta = dict(D=D, DP=DP, DVP=DVP, BM=BLOCK_M, BK=bk, num_warps=4)
-    return (triton.cdiv(Lq, BLOCK_M), B * H), common, meta
+    lists = KeyIndex(index, bs(index, 0), bs(index, 1), index.stride(2), index.stride(3))
+    K = index.shape[-1]
+    dims = ListDims(H, Lq, kv_len, K, dense_rows, max(kv_len, K), float(scale))
+    return (triton.cdiv(Lq, BLOCK_M), B * H), (lists, dims, Config(D, Dv, DP, DVP, BLOCK_M, bk))
 
 
 def _forward(q, k, v, index, kv_len, dense_rows, scale):
@@ -167,10 +184,8 @@ def _forward(q, k, v, index, kv_len, dense_rows, scale):
     B, H, Lq, _ = q.shape
     out = torch.empty(B, H, Lq, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
-    grid, common, meta = _launch_args(q, k, v, index, kv_len, dense_rows)
-    _keylist_fwd[grid](q, k, v, index, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                       k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-                       out.stride(2), *common, float(scale), DV=v.shape[-1], **meta)
+    grid, args = _launch_args(q, v, index, kv_len, dense_rows, scale)
+    _keylist_fwd[grid](rows(q), rows(k), rows(v), rows(out), lse, *args, num_warps=4)
     return out, lse
 
 
@@ -185,11 +200,9 @@ def _backward(dout, dlse, q, k, v, out, lse, index, kv_len, dense_rows, scale):
     dq = torch.empty(B, H, Lq, D, device=q.device, dtype=torch.float32)
     dk = torch.zeros(B, H, kv_len, D, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, H, kv_len, v.shape[-1], device=q.device, dtype=torch.float32)
-    grid, common, meta = _launch_args(q, k, v, index, kv_len, dense_rows)
-    _keylist_bwd[grid](q, k, v, index, dout, lse, delta, dq, dk, dv, q.stride(0), q.stride(1), q.stride(2),
-                       k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                       dout.stride(0), dout.stride(1), dout.stride(2), *common, float(scale),
-                       DV_=v.shape[-1], **meta)
+    grid, args = _launch_args(q, v, index, kv_len, dense_rows, scale)
+    _keylist_bwd[grid](rows(q), rows(k), rows(v), rows(dout), lse, delta, rows(dq), rows(dk), rows(dv), *args,
+                       num_warps=4)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
