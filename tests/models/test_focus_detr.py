@@ -1,13 +1,18 @@
 """Focus-DETR: known answers for the foreground selector, cascade, OESM (kernel vs a plain
 gather-MHA-scatter oracle), FCOS targets, CDN mask, value semantics, small/empty images, losses,
-registration and the detrex checkpoint conversion."""
+registration and the detrex checkpoint conversion (ResNet and detectron2 Swin layouts)."""
+import copy
 import math
 import re
+from functools import partial
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from timm.models.swin_transformer import SwinTransformerBlock
 
 import zoo  # noqa: F401
 from zoo.errors import UnsupportedError
@@ -15,8 +20,8 @@ from zoo.models._builder import PretrainedMismatchError
 from zoo.layers.detr_blocks import (HungarianMatcher, PositionEmbeddingSine, build_cdn_queries, cdn_attn_mask,
                                     dn_match_indices, sine_box_embed)
 from zoo.models.focus_detr import (FocusDETR, ForegroundTokenSelector, MaskPredictor, OESMAttention,
-                                   cascade_token_counts, checkpoint_filter_fn, foreground_targets,
-                                   select_foreground)
+                                   PadFirstSwinBlock, cascade_token_counts, checkpoint_filter_fn,
+                                   foreground_targets, select_foreground)
 
 torch.set_num_threads(1)
 
@@ -24,6 +29,16 @@ torch.set_num_threads(1)
 def _tiny(**kw):
     torch.manual_seed(0)
     return timm.create_model("focus_detr_tiny", **kw)
+
+
+def _tiny_swin(**kw):
+    """focus_detr_tiny on a small timm Swin set up as focus_detr_swin_* (windows of 4, every stage
+    shifted, output LayerNorms, detectron2 padding order)."""
+    torch.manual_seed(0)
+    bk = dict(img_size=64, strict_img_size=False, always_partition=True, embed_dim=16, depths=(2, 2, 2, 2),
+              num_heads=(1, 2, 2, 4), window_size=4, embed_layer=partial(PatchEmbed, dynamic_img_pad=True))
+    return timm.create_model("focus_detr_tiny", backbone="swin_tiny_patch4_window7_224", backbone_out_indices=(1, 2, 3),
+                             backbone_norm=True, swin_pad_first=True, backbone_kwargs=bk, **kw)
 
 
 def _targets():
@@ -378,6 +393,9 @@ _D2_OF_TIMM = [
     (r"^backbone\.layer(\d)\.(\d+)\.downsample\.1\.", lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.shortcut.norm."),
     (r"^backbone\.layer(\d)\.(\d+)\.conv(\d)\.", lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.conv{m[3]}."),
     (r"^backbone\.layer(\d)\.(\d+)\.bn(\d)\.", lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm."),
+    (r"^backbone\.layers_(\d)\.downsample\.", lambda m: f"backbone.layers.{int(m[1]) - 1}.downsample."),
+    (r"^backbone\.layers_(\d)\.blocks\.", r"backbone.layers.\1.blocks."),
+    (r"^backbone_norms\.(\d)\.", lambda m: f"backbone.norm{int(m[1]) + 1}."),
     (r"^level_embed$", "transformer.level_embeds"),
     (r"^fts\.alpha$", "transformer.alpha"),
     (r"^fts\.mask_predictor\.", "transformer.enc_mask_predictor."),
@@ -407,6 +425,8 @@ def _as_detrex_checkpoint(model):
                 nk = new
                 break
         sd[nk] = v.clone()
+        if nk.endswith(".attn.relative_position_bias_table"):  # detectron2 Swin saves its index buffer
+            sd[nk.replace("_bias_table", "_index")] = torch.zeros(16, 16, dtype=torch.long)
     n_dec = len(model.decoder.layers)
     for k, v in model.state_dict().items():
         if k.startswith(("class_embed.", "bbox_embed.")):
@@ -441,6 +461,59 @@ def test_checkpoint_filter_fn_on_detrex_layout():
     with pytest.raises(ValueError, match="alias"):
         checkpoint_filter_fn(bad, dst)
     assert checkpoint_filter_fn(src.state_dict(), dst).keys() == src.state_dict().keys()
+
+
+def test_checkpoint_filter_fn_on_detectron2_swin_layout():
+    """detectron2 SwinTransformer names (stage-end PatchMerging, output norms norm1..3, saved
+    relative_position_index) map onto the timm Swin backbone; odd image sizes run (padded to
+    whole patches and windows) with the same outputs after the round trip."""
+    src = _tiny_swin().eval()
+    with torch.no_grad():
+        for norm in src.backbone_norms:
+            norm.weight.normal_(1.0, 0.2)
+            norm.bias.normal_(0.0, 0.2)
+    ckpt = _as_detrex_checkpoint(src)
+    keys = ckpt["model"]
+    assert "backbone.layers.0.downsample.reduction.weight" in keys
+    assert "backbone.layers.3.downsample.norm.weight" not in keys
+    assert {"backbone.norm1.weight", "backbone.norm3.bias"} <= set(keys) and "backbone.norm0.weight" not in keys
+    assert "backbone.layers.0.blocks.1.attn.relative_position_index" in keys
+    dst = _tiny_swin()
+    torch.manual_seed(123)
+    for p in dst.parameters():
+        nn.init.normal_(p)
+    dst.load_state_dict(checkpoint_filter_fn(ckpt, dst), strict=True)
+    dst.eval()
+    x = torch.randn(1, 3, 70, 90)
+    with torch.no_grad():
+        feats = dst.forward_neck(x)
+        out = dst(x)
+    assert [tuple(f.shape[-2:]) for f in feats] == [(9, 12), (5, 6), (3, 3), (2, 2)]
+    with torch.no_grad():
+        torch.testing.assert_close(out["pred_logits"], src(x)["pred_logits"])
+    # ResNet models have no output norms: their keys are unchanged
+    assert _tiny().backbone_norms is None
+    with pytest.raises(ValueError, match="swin_pad_first=True needs a timm Swin backbone"):
+        _tiny(swin_pad_first=True)
+
+
+def test_pad_first_swin_block_pads_before_the_shift():
+    """detectron2's order (pad to whole windows, then shift) equals timm's block run on the
+    already padded map and cropped; timm's own order (shift, then pad) differs on such maps."""
+    torch.manual_seed(0)
+    timm_blk = SwinTransformerBlock(8, (8, 8), num_heads=2, window_size=4, shift_size=2, always_partition=True,
+                                    dynamic_mask=True)
+    blk = copy.deepcopy(timm_blk)
+    blk.__class__ = PadFirstSwinBlock
+    with torch.no_grad():
+        timm_blk.attn.relative_position_bias_table.normal_()
+        blk.attn.relative_position_bias_table.copy_(timm_blk.attn.relative_position_bias_table)
+        y = torch.randn(2, 6, 7, 8)
+        padded = F.pad(y, (0, 0, 0, 1, 0, 2))
+        expect = timm_blk._attn(padded)[:, :6, :7]
+        torch.testing.assert_close(blk._attn(y), expect)
+        assert not torch.allclose(timm_blk._attn(y), expect, atol=1e-3)
+        torch.testing.assert_close(blk._attn(padded), timm_blk._attn(padded))
 
 
 def test_pretrained_file_load_through_create_model(tmp_path):

@@ -17,20 +17,26 @@ Follows the detrex implementation (``projects/focus_detr``), with these delibera
   * padding masks are used at inference too (detrex passes an all-valid mask at test time);
   * no aliased parameters: the encoder's MCSP and the decoder read the heads from the model.
 
+The Swin variants use timm's Swin features set up to compute what detectron2's SwinTransformer
+does (a LayerNorm per output level, windows padded before the shift, every stage shifted), so
+detrex's Swin checkpoints load and reproduce upstream's outputs at any image size.
+
 Softmax attention runs in ``zoo.kernels.attention`` (OESM and decoder self-attention, the CDN mask
 as a ``from_dense_mask`` layout); deformable attention in ``zoo.kernels.msda``.
 """
 import math
 import re
+from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import timm
-from timm.layers import freeze_batch_norm_2d
+from timm.layers import LayerNorm2d, PatchEmbed, freeze_batch_norm_2d
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torchvision.ops import sigmoid_focal_loss
 
 import zoo.kernels as _kernels
@@ -86,6 +92,28 @@ class ChannelMapper(nn.Module):
             x = conv(x)
             outs.append(x)
         return outs
+
+
+class PadFirstSwinBlock(SwinTransformerBlock):
+    """timm's Swin block with detectron2's window order: the map is padded to whole windows
+    *before* the cyclic shift, so the padding wraps around with it and the shift mask is laid over
+    the padded grid (timm shifts first, then pads). Same parameters and names; the two agree when
+    every stage's map is a whole number of windows."""
+
+    def _attn(self, x):
+        B, H, W, C = x.shape
+        wh, ww = self.window_size
+        x = F.pad(x, (0, 0, 0, (ww - W % ww) % ww, 0, (wh - H % wh) % wh))
+        Hp, Wp = x.shape[1:3]
+        shift = tuple(self.shift_size)
+        if any(shift):
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        mask = self.get_attn_mask(x) if self.dynamic_mask else self.attn_mask
+        windows = self.attn(window_partition(x, self.window_size).view(-1, self.window_area, C), mask=mask)
+        x = window_reverse(windows.view(-1, wh, ww, C), self.window_size, Hp, Wp)
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=(1, 2))
+        return x[:, :H, :W].contiguous()
 
 
 class MaskPredictor(nn.Module):
@@ -328,6 +356,10 @@ class FocusDETR(NotScriptable, nn.Module):
     ``pred_logits`` (B, Q, num_classes), ``pred_boxes`` (B, Q, 4) cxcywh in [0, 1] of the valid
     area, ``aux_outputs``, ``enc_outputs``, ``dn_outputs`` / ``dn_meta`` (training with targets),
     ``fg_logits`` (B, N) and ``spatial_shapes``.
+
+    ``backbone_norm`` adds a LayerNorm to each backbone output level and ``swin_pad_first`` pads a
+    timm Swin backbone's windows before the shift: both as detectron2's SwinTransformer, which
+    detrex's Swin checkpoints need (set by ``focus_detr_swin_*``).
     """
 
     def __init__(
@@ -338,6 +370,8 @@ class FocusDETR(NotScriptable, nn.Module):
             backbone_pretrained: bool = False,
             backbone_out_indices: Tuple[int, ...] = (2, 3, 4),
             backbone_kwargs: Optional[Dict[str, Any]] = None,
+            backbone_norm: bool = False,
+            swin_pad_first: bool = False,
             frozen_bn: bool = True,
             backbone_freeze_at: int = 1,
             embed_dim: int = 256,
@@ -388,10 +422,19 @@ class FocusDETR(NotScriptable, nn.Module):
         self.backbone = timm.create_model(backbone, pretrained=backbone_pretrained, features_only=True,
                                           out_indices=backbone_out_indices, in_chans=in_chans,
                                           **(backbone_kwargs or {}))
+        if swin_pad_first:
+            blocks = [m for m in self.backbone.modules() if isinstance(m, SwinTransformerBlock)]
+            if not blocks:
+                raise ValueError(f"swin_pad_first=True needs a timm Swin backbone; {backbone!r} has no Swin blocks")
+            for blk in blocks:
+                blk.__class__ = PadFirstSwinBlock
         fmt = getattr(self.backbone, "output_fmt", "NCHW")
         self._backbone_nhwc = getattr(fmt, "value", fmt) == "NHWC"  # e.g. timm Swin features
         chs = self.backbone.feature_info.channels()
         self.backbone_strides = tuple(self.backbone.feature_info.reduction())
+        # one LayerNorm per backbone output level (detectron2's SwinTransformer ``norm{i}``)
+        norm_layer = nn.LayerNorm if self._backbone_nhwc else LayerNorm2d
+        self.backbone_norms = nn.ModuleList(norm_layer(c) for c in chs) if backbone_norm else None
         if frozen_bn:
             self.backbone = freeze_batch_norm_2d(self.backbone)
         self._freeze_stages(backbone_freeze_at)
@@ -520,6 +563,8 @@ class FocusDETR(NotScriptable, nn.Module):
         if images.dim() != 4:
             raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
         feats = self.backbone(images)
+        if self.backbone_norms is not None:
+            feats = [norm(f) for norm, f in zip(self.backbone_norms, feats)]
         if self._backbone_nhwc:
             feats = [f.permute(0, 3, 1, 2) for f in feats]
         return self.neck(feats)
@@ -831,6 +876,12 @@ _D2_RESNET = [
     (r"^backbone\.res(\d)\.(\d+)\.conv(\d)\.norm\.", lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}."),
     (r"^backbone\.res(\d)\.(\d+)\.conv(\d)\.", lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}."),
 ]
+# detectron2 SwinTransformer: each stage's PatchMerging ends it there and starts the next stage in timm;
+# the per-output LayerNorms norm{i} are handled in checkpoint_filter_fn (numbered by stage, kept in order)
+_D2_SWIN = [
+    (r"^backbone\.layers\.(\d+)\.downsample\.", lambda m: f"backbone.layers_{int(m[1]) + 1}.downsample."),
+    (r"^backbone\.layers\.(\d+)\.blocks\.", r"backbone.layers_\1.blocks."),
+]
 _DETREX = [
     (r"^transformer\.level_embeds$", "level_embed"),
     (r"^transformer\.alpha$", "fts.alpha"),
@@ -862,30 +913,31 @@ _ALIASES = (r"^transformer\.decoder\.(class|bbox)_embed\.", r"^transformer\.enco
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[FocusDETR] = None):
     """detrex / detectron2 Focus-DETR checkpoint -> this module's keys.
 
-    Unwraps ``{"model": ...}``, maps detectron2 ResNet names to timm's, detrex transformer names to
-    ours, and drops the aliased copies of the shared heads (checking they equal the originals): the
-    decoder's ``class_embed`` / ``bbox_embed`` and the MCSP lists ``enhance_MCSP_layerlist`` /
-    ``transformer.encoder.enhance_MCSP``, whose entries are all the two-stage class head
-    ``class_embed.<dec_layers>``. Already-converted state dicts pass through. Checked against the
-    layouts detrex builds for its R50 and R101 configs; detrex's Swin-backbone checkpoints are
-    refused with an error (their backbone has per-output LayerNorms this model's timm Swin lacks).
+    Unwraps ``{"model": ...}``, maps detectron2 ResNet names to timm's and detectron2 SwinTransformer
+    names to timm's Swin features (``layers.<i>.downsample`` -> ``layers_<i+1>.downsample``, the
+    output norms ``norm<i>`` -> ``backbone_norms.<n>`` in stage order, ``relative_position_index``
+    buffers dropped), detrex transformer names to ours, and drops the aliased copies of the shared
+    heads (checking they equal the originals): the decoder's ``class_embed`` / ``bbox_embed`` and
+    the MCSP lists ``enhance_MCSP_layerlist`` / ``transformer.encoder.enhance_MCSP``, whose entries
+    are all the two-stage class head ``class_embed.<dec_layers>``. Already-converted state dicts
+    pass through. Checked against the layouts detrex builds for its R50, R101, Swin-T and
+    Swin-B-384 configs.
     """
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
     if not any(k.startswith(("transformer.", "backbone.stem.", "backbone.res")) for k in state_dict):
         return _drop_mismatched_classifier(state_dict, model)
-    swin = sorted(k for k in state_dict if re.match(r"^backbone\.(layers\.\d+|norm\d)\.", k))
-    if swin:
-        raise UnsupportedError(
-            f"checkpoint has a detectron2 SwinTransformer backbone ({swin[0]}, ...): its feature maps pass through "
-            "per-output LayerNorms (backbone.norm1-3) that the timm Swin features of focus_detr_swin_* do not "
-            "have, so these weights cannot be reproduced; the ResNet layouts (focus_detr_r50 / focus_detr_r101) load")
+    swin_norms = sorted({int(m[1]) for k in state_dict for m in [re.match(r"^backbone\.norm(\d+)\.", k)] if m})
     out = {}
     for k, v in state_dict.items():
-        if any(re.match(a, k) for a in _ALIASES):
+        if any(re.match(a, k) for a in _ALIASES) or k.endswith(".relative_position_index"):
+            continue
+        m = re.match(r"^backbone\.norm(\d+)\.(.*)$", k)
+        if m:
+            out[f"backbone_norms.{swin_norms.index(int(m[1]))}.{m[2]}"] = v
             continue
         nk = k
-        for pat, rep in _D2_RESNET + _DETREX:
+        for pat, rep in _D2_RESNET + _D2_SWIN + _DETREX:
             new = re.sub(pat, rep, nk)
             if new != nk:
                 nk = new
@@ -966,8 +1018,13 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> FocusDETR:
 
 
 def _swin_kwargs(name: str, img_size: int) -> Dict[str, Any]:
+    # as detectron2's SwinTransformer: any image size (padded to whole patches, then to whole windows
+    # before each shift), every stage shifts its windows (always_partition, also where the pretraining
+    # grid is no larger than a window), and each output level has its own LayerNorm
     return dict(backbone=name, backbone_out_indices=(1, 2, 3), backbone_freeze_at=0, frozen_bn=False,
-                backbone_kwargs=dict(img_size=img_size, strict_img_size=False))
+                backbone_norm=True, swin_pad_first=True,
+                backbone_kwargs=dict(img_size=img_size, strict_img_size=False, always_partition=True,
+                                     embed_layer=partial(PatchEmbed, dynamic_img_pad=True)))
 
 
 @register_model
@@ -984,14 +1041,14 @@ def focus_detr_r101(pretrained: bool = False, **kwargs) -> FocusDETR:
 
 @register_model
 def focus_detr_swin_tiny(pretrained: bool = False, **kwargs) -> FocusDETR:
-    """Focus-DETR, Swin-T (224 window 7) backbone (timm's Swin; detectron2 Swin key mapping not included)."""
+    """Focus-DETR, Swin-T (224, window 7) backbone with a LayerNorm per output level."""
     return _create("focus_detr_swin_tiny", pretrained,
                    **dict(_swin_kwargs("swin_tiny_patch4_window7_224", 224), **kwargs))
 
 
 @register_model
 def focus_detr_swin_base_384(pretrained: bool = False, **kwargs) -> FocusDETR:
-    """Focus-DETR, Swin-B (384, window 12) backbone."""
+    """Focus-DETR, Swin-B (384, window 12) backbone with a LayerNorm per output level."""
     return _create("focus_detr_swin_base_384", pretrained,
                    **dict(_swin_kwargs("swin_base_patch4_window12_384", 384), **kwargs))
 
