@@ -14,8 +14,9 @@ torch.compile and torch.export.
 
 CPU cost: every model runs the eager calls (forward, features_only, forward_intermediates,
 reset_classifier, data config, TorchScript). The traced calls -- backward, compile and export --
-run on one small variant per family (``REPRESENTATIVES``; Inductor for the classifiers: eval and
-train forward and gradients, ``backend="eager"`` with ``fullgraph=True`` for the others), since
+run on one small variant per family (``REPRESENTATIVES``; Inductor for the classifiers, one block
+per stage: eval and train forward and gradients; ``backend="eager"`` with ``fullgraph=True`` for
+the others), since
 the variants of a family share their code and a Dynamo trace of every variant costs about 40
 minutes on 2 CPU cores. ``ZOO_TEST_ALL_VARIANTS=1`` runs the traced calls on every model.
 """
@@ -41,6 +42,14 @@ CALLS = ("forward", "backward", "features_only", "forward_intermediates", "reset
 # one small variant per classifier family gets Inductor; the rest the eager backend (same fullgraph capture)
 INDUCTOR = {"biformer_tiny", "ffnet_1", "halonet26t_zoo", "sparsifiner_deit_tiny_patch16_224", "pyramid_tnt_ti",
             "gmm_vit_tiny_p4_32"}
+# ... at reduced depth: every block type and stage kept, one block each (Inductor's CPU compile time
+# grows with the number of blocks; their code is shared)
+INDUCTOR_KW = {"biformer_tiny": dict(depths=(1, 1, 1, 1)), "ffnet_1": dict(depths=(1, 1, 1, 1)),
+               "pyramid_tnt_ti": dict(depths=(1, 1, 1, 1)), "sparsifiner_deit_tiny_patch16_224": dict(depth=2),
+               "gmm_vit_tiny_p4_32": dict(depth=2)}
+# Inductor's C++ wrapper: the same kernels, built as one shared library per graph instead of one
+# per kernel, which halves the CPU compile time (g++ start-up dominates it)
+INDUCTOR_OPTIONS = {"cpp_wrapper": True}
 # one small variant per family runs the traced calls (backward, compile, export)
 REPRESENTATIVES = INDUCTOR | {"focus_detr_tiny", "agunet_3d_small", "partcrafter_dit_tiny", "puppeteer_skin_small",
                               "puppeteer_skeleton_small"}
@@ -211,9 +220,10 @@ def _check_data_config(name):
 def _check_compile(name):
     torch._dynamo.reset()
     backend = "inductor" if name in INDUCTOR else "eager"
-    model = _create(name)
+    model = _create(name, **INDUCTOR_KW.get(name, {}))
     args, kwargs = _inputs(name, model, batch=2)
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    options = INDUCTOR_OPTIONS if backend == "inductor" else None
+    compiled = torch.compile(model, fullgraph=True, backend=backend, options=options)
     with torch.no_grad():
         out = compiled(*args, **kwargs)
         ref = model(*args, **kwargs)
@@ -298,6 +308,7 @@ def test_every_classifier_family_has_an_inductor_variant():
         if classifiers:
             assert INDUCTOR & set(classifiers), f"no Inductor variant for {family} (one of {classifiers[:3]})"
     assert INDUCTOR <= set(MODELS), sorted(INDUCTOR - set(MODELS))
+    assert set(INDUCTOR_KW) <= INDUCTOR, sorted(set(INDUCTOR_KW) - INDUCTOR)
 
 
 def test_every_family_has_a_representative():
