@@ -703,3 +703,19 @@ def test_torch_export_matches_eager():
     with torch.no_grad():
         for a, b in zip(_float_leaves(ep.module()(x)), _float_leaves(m(x))):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_swin_form_compiles_and_exports():
+    """The detectron2-style Swin backbone (pad-first windows, output norms, any image size) under
+    torch.compile(fullgraph=True) and torch.export, at a size that is not a whole number of windows."""
+    m = _tiny_swin().eval()
+    x = torch.randn(2, 3, 70, 90)
+    with torch.no_grad():
+        ref = _float_leaves(m(x))
+        compiled = _float_leaves(torch.compile(m, fullgraph=True, backend="aot_eager")(x))
+        exported = _float_leaves(torch.export.export(m, (x,)).module()(x))
+    for out in (compiled, exported):
+        assert len(out) == len(ref)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
