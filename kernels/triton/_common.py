@@ -28,7 +28,7 @@ except Exception:  # pragma: no cover - depends on the install
 HAS_TRITON = not _MISSING
 
 __all__ = ["HAS_TRITON", "triton", "tl", "interpreter_enabled", "device_reason", "check_inputs", "bs", "contig",
-           "next_pow2", "pow2_at_least_16", "call_reason", "Rows", "rows", "row_base", "load_tile", "store_tile"]
+           "next_pow2", "pow2_at_least_16", "call_reason", "Rows", "rows", "row_base", "load_tile", "store_tile", "constexprs"]
 
 
 def interpreter_enabled() -> bool:
@@ -119,3 +119,12 @@ if HAS_TRITON:
         """Store `val` (cast to the tensor's dtype) at rows `tok` (where `ok`) x columns `cols` (< n)."""
         tl.store(row_base(t, b, h) + tok[:, None] * t.s_n + cols[None, :], val.to(t.ptr.dtype.element_ty),
                  mask=ok[:, None] & (cols < n)[None, :])
+
+
+def constexprs(bundle):
+    """A settings bundle (tile shapes, feature switches) as a tuple of `tl.constexpr` values.
+
+    Kernels take such bundles as plain (non-annotated) tuple arguments: every element is then a
+    compile-time constant, read as `tile.BM`. Annotating the whole tuple `tl.constexpr` instead
+    makes its fields plain ints on triton 3.3-3.6, which `tl.zeros` / `tl.arange` reject."""
+    return type(bundle)(*(tl.constexpr(v) for v in bundle))

@@ -26,8 +26,8 @@ from typing import Any, List, NamedTuple, Tuple
 import torch
 
 from ..lut import build_lut
-from ._common import (HAS_TRITON, Rows, bs, call_reason, contig, load_tile, pow2_at_least_16, row_base, rows,
-                      store_tile, tl, triton)
+from ._common import (HAS_TRITON, Rows, bs, call_reason, constexprs, contig, load_tile, pow2_at_least_16, row_base,
+                      rows, store_tile, tl, triton)
 
 __all__ = ["can_run", "run", "TILE_OPTIONS"]
 
@@ -409,7 +409,7 @@ if HAS_TRITON:
         return acc, m_i, l_i
 
     @triton.jit
-    def _attn_fwd(Q, K, V, O, LSE, part, full, dims, geo, pred, mods, tile: tl.constexpr, feat: tl.constexpr):
+    def _attn_fwd(Q, K, V, O, LSE, part, full, dims, geo, pred, mods, tile, feat):
         """One query tile of one (batch, head): its partial key tiles, then its full ones."""
         qb, bh, b, h = _program(dims)
         qpos, q = _query_tile(Q, b, h, qb, dims, geo, tile, feat)
@@ -449,8 +449,8 @@ if HAS_TRITON:
         return dk, dv
 
     @triton.jit
-    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, part, full, dims, geo, pred, mods, tile: tl.constexpr,
-                       feat: tl.constexpr):
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, part, full, dims, geo, pred, mods, tile,
+                       feat):
         """dK, dV of one key tile of one (batch, head), walking the transposed LUT (no atomics)."""
         kb, bh, b, h = _program(dims)
         kpos, kt, vt = _key_tile(K, V, b, h, kb, dims, geo, tile)
@@ -538,8 +538,8 @@ if HAS_TRITON:
         return dq, ga, gs
 
     @triton.jit
-    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, part, full, G, dims, geo, pred, mods, tile: tl.constexpr,
-                     feat: tl.constexpr):
+    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, part, full, G, dims, geo, pred, mods, tile,
+                     feat):
         """dQ of one query tile of one (batch, head); the modifiers' parameter gradients by atomics."""
         qb, bh, b, h = _program(dims)
         qpos, q = _query_tile(Q, b, h, qb, dims, geo, tile, feat)
@@ -650,7 +650,7 @@ def _fwd(plan: _Plan, q, k, v):
     out = torch.empty(B, H, Lq, plan.Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     _attn_fwd[(plan.lut.nQB, B * H)](rows(q), rows(k), rows(v), rows(out), lse, *plan.tile_lists(),
-                                     *plan.layout_args(), plan.tiles, plan.features, **plan.launch)
+                                     *plan.layout_args(), constexprs(plan.tiles), constexprs(plan.features), **plan.launch)
     return out, lse
 
 
@@ -666,7 +666,7 @@ def _bwd(plan: _Plan, dout, dlse, q, k, v, out, lse):
     dv = torch.zeros_like(v)
     Q, K, V, DO = rows(q), rows(k), rows(v), rows(dout)
     _attn_bwd_dkdv[(plan.lut.nKB, B * H)](Q, K, V, DO, lse, delta, rows(dk), rows(dv), *plan.tile_lists(True),
-                                          *plan.layout_args(), plan.tiles, plan.features, **plan.launch)
+                                          *plan.layout_args(), constexprs(plan.tiles), constexprs(plan.features), **plan.launch)
     shape = (B, H, plan.Lq, plan.Lk)
     g = _neutral_grads(plan.fdummy)
     per_mod = []
@@ -677,7 +677,7 @@ def _bwd(plan: _Plan, dout, dlse, q, k, v, out, lse):
     grads = ModGrads(_pair_map(g, "DBIAS", "db_"), g["DTAB"], g["DRH"], g["DRW"], g["DALPHA"], g["DSIGMA"])
     feats = plan.features._replace(DB_ATOMIC=bool(g["DB_ATOMIC"]))
     _attn_bwd_dq[(plan.lut.nQB, B * H)](Q, K, V, DO, lse, delta, rows(dq), *plan.tile_lists(), grads,
-                                        *plan.layout_args(), plan.tiles, feats, **plan.launch)
+                                        *plan.layout_args(), constexprs(plan.tiles), constexprs(feats), **plan.launch)
     fgrads = [g for m, bufs in zip(plan.mods, per_mod) for g in m.triton_grads(bufs)]
     return dq, dk, dv, fgrads
 

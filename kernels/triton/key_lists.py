@@ -19,8 +19,8 @@ from typing import List, NamedTuple, Tuple
 
 import torch
 
-from ._common import HAS_TRITON, bs, call_reason, contig, load_tile, pow2_at_least_16, row_base, rows, store_tile, tl, \
-    triton
+from ._common import (HAS_TRITON, bs, call_reason, constexprs, contig, load_tile, pow2_at_least_16, row_base, rows,
+                      store_tile, tl, triton)
 
 __all__ = ["can_run", "run", "keylist_attention"]
 
@@ -111,7 +111,7 @@ if HAS_TRITON:
                        mask=ok[:, :, None] & (cols[None, None, :] < n), other=0.0).to(tl.float32)
 
     @triton.jit
-    def _keylist_fwd(Q, K, V, OUT, LSE, lists, dims, cfg: tl.constexpr):
+    def _keylist_fwd(Q, K, V, OUT, LSE, lists, dims, cfg):
         b, h, bh, rows, rvalid, walk, n_slots = _row_block(lists, dims, cfg)
         od = tl.arange(0, cfg.DP)
         odv = tl.arange(0, cfg.DVP)
@@ -138,7 +138,7 @@ if HAS_TRITON:
         tl.store(LSE + bh * dims.Lq + rows, tl.where(empty, float("-inf"), m_i + tl.log(l_safe)), mask=rvalid)
 
     @triton.jit
-    def _keylist_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, lists, dims, cfg: tl.constexpr):
+    def _keylist_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, lists, dims, cfg):
         """dQ (stored), dK and dV (fp32 atomics into (B, H, Lk, *) buffers)."""
         b, h, bh, rows, rvalid, walk, n_slots = _row_block(lists, dims, cfg)
         od = tl.arange(0, cfg.DP)
@@ -176,7 +176,7 @@ def _launch_args(q, v, index, kv_len, dense_rows, scale):
     lists = KeyIndex(index, bs(index, 0), bs(index, 1), index.stride(2), index.stride(3))
     K = index.shape[-1]
     dims = ListDims(H, Lq, kv_len, K, dense_rows, max(kv_len, K), float(scale))
-    return (triton.cdiv(Lq, BLOCK_M), B * H), (lists, dims, Config(D, Dv, DP, DVP, BLOCK_M, bk))
+    return (triton.cdiv(Lq, BLOCK_M), B * H), (lists, dims, constexprs(Config(D, Dv, DP, DVP, BLOCK_M, bk)))
 
 
 def _forward(q, k, v, index, kv_len, dense_rows, scale):
