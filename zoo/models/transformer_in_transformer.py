@@ -38,6 +38,7 @@ from zoo.models._builder import build_model
 from zoo.errors import NotScriptable, check_batch
 from zoo.layers.inplace import gelu_approximate
 from zoo.layers.mha import MultiHeadAttention, inference_linear, linear_residual
+from zoo.layers.weight_init import init_linear_trunc_normal
 
 __all__ = ["Tnt", "PyramidTnt", "TntBlock", "checkpoint_filter_fn"]
 
@@ -362,7 +363,7 @@ class Tnt(NotScriptable, nn.Module):
         trunc_normal_(self.cls_token, std=.02)
         trunc_normal_(self.outer_pos, std=.02)
         trunc_normal_(self.inner_pos, std=.02)
-        self.apply(_init_linear_ln)
+        self.apply(init_linear_trunc_normal)
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -469,16 +470,6 @@ class Tnt(NotScriptable, nn.Module):
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
-
-
-def _init_linear_ln(m: nn.Module):
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -782,7 +773,7 @@ def _init_pyramid(m: nn.Module):
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     else:
-        _init_linear_ln(m)
+        init_linear_trunc_normal(m)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint
@@ -35,17 +35,6 @@ def xavier_init(m: nn.Module):
     """The reference's init for its lucidrains-style hosts (ViT, CaiT, PiT)."""
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         nn.init.xavier_normal_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
-def trunc_init(m: nn.Module):
-    """The reference's init for its Swin / T2T hosts."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):

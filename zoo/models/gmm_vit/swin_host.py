@@ -8,10 +8,10 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 from timm.models._manipulate import checkpoint_seq
 
 import zoo.kernels as _kernels
+from zoo.layers.weight_init import init_linear_trunc_normal
 from zoo.layers.gmm_attention import GaussianMixtureMask
 
-from ._host import FeedForward, GmmHost, PatchEmbed, add_pos_embed, check_pool, linear_rates, rename_reference, \
-    trunc_init
+from ._host import FeedForward, GmmHost, PatchEmbed, add_pos_embed, check_pool, linear_rates, rename_reference
 
 __all__ = ["GmmSwin", "ShiftedWindowAttention"]
 
@@ -208,7 +208,7 @@ class GmmSwin(GmmHost):
         self.norm = nn.LayerNorm(dim)
         self.head = ClassifierHead(dim, num_classes, pool_type=check_pool(global_pool, _SWIN_POOLS),
                                    drop_rate=drop_rate)
-        self.apply(trunc_init)
+        self.apply(init_linear_trunc_normal)
 
     @torch.jit.ignore
     def no_weight_decay(self):

@@ -7,9 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models._features_fx import register_notrace_function
 
+from zoo.layers.weight_init import init_linear_trunc_normal
 from zoo.layers.gmm_attention import GmmAttention
 
-from ._host import Block, FeedForward, TokenHost, check_img, linear_rates, rename_reference, trunc_init
+from ._host import Block, FeedForward, TokenHost, check_img, linear_rates, rename_reference
 
 __all__ = ["GmmT2T"]
 
@@ -107,7 +108,7 @@ class GmmT2T(TokenHost):
         self.norm = nn.LayerNorm(embed_dim)
         self.feature_info = [dict(num_chs=embed_dim, reduction=red, module=f"blocks.{i}") for i in range(depth)]
         self._init_head(num_classes, self._valid_pool(global_pool), drop_rate, fc_norm=False)
-        self.apply(trunc_init)
+        self.apply(init_linear_trunc_normal)
 
     @torch.jit.ignore
     def no_weight_decay(self):
