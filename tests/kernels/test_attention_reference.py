@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo.kernels as zk
+from _modifiers import modifier_leaves, rebuild_modifiers
 from zoo.kernels.layouts import routed
 from zoo.kernels.reference import core as ref
 from zoo.kernels.reference import dense_oracle
@@ -80,28 +81,6 @@ def _cases():
 CASES = _cases()
 
 
-def _bias_leaves(bias, score_mod):
-    out = []
-    if isinstance(bias, torch.Tensor):
-        out.append(bias)
-    elif bias is not None:
-        out += bias.tensors()
-    if score_mod is not None:
-        out += score_mod.tensors()
-    return out
-
-
-def _rebuild(bias, sm, ts):
-    """The same bias / score mod on other tensors (autograd leaves)."""
-    i = 0
-    if isinstance(bias, torch.Tensor):
-        bias, i = ts[0], 1
-    elif bias is not None:
-        i = len(bias.tensors())
-        bias = bias.with_tensors(ts[:i])
-    return bias, (sm.with_tensors(ts[i:i + len(sm.tensors())]) if sm is not None else None)
-
-
 def _run_case(case, B=2, H=2, D=8, Dv=6, seed=0):
     torch.manual_seed(seed)
     name, Lq, Lk, mk_lay, mk_bias, mk_sm = case
@@ -115,7 +94,7 @@ def _run_case(case, B=2, H=2, D=8, Dv=6, seed=0):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_reference_matches_dense_oracle_fwd_bwd(case):
     lay, q, k, v, bias, sm = _run_case(case)
-    leaves = [q, k, v] + _bias_leaves(bias, sm)
+    leaves = [q, k, v] + modifier_leaves(bias, sm)
     for t in leaves:
         t.requires_grad_(True)
     scale = 0.37
@@ -140,7 +119,7 @@ def test_reference_matches_dense_oracle_fwd_bwd(case):
 def test_chunked_recompute_path_matches(case, monkeypatch):
     """Tiny chunk budget: many chunks, backward recomputes each chunk."""
     lay, q, k, v, bias, sm = _run_case(case, seed=1)
-    leaves = [q, k, v] + _bias_leaves(bias, sm)
+    leaves = [q, k, v] + modifier_leaves(bias, sm)
     for t in leaves:
         t.requires_grad_(True)
     o2, l2 = dense_oracle(q, k, v, lay, bias=bias, score_mod=sm)
@@ -164,13 +143,13 @@ GRADCHECK = ["window_zero_relpos", "window_clamp_stride2_relpos", "window_zero_k
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in GRADCHECK], ids=lambda c: c[0])
 def test_gradcheck_fp64(case):
     lay, q, k, v, bias, sm = _run_case(case, B=2, H=2, D=4, Dv=3, seed=2)
-    n_bias = len(_bias_leaves(bias, sm))
-    inputs = [q, k, v] + _bias_leaves(bias, sm)
+    n_bias = len(modifier_leaves(bias, sm))
+    inputs = [q, k, v] + modifier_leaves(bias, sm)
     for t in inputs:
         t.requires_grad_(True)
 
     def fn(q, k, v, *bt):
-        b, s = _rebuild(bias, sm, list(bt))
+        b, s = rebuild_modifiers(bias, sm, list(bt))
         o, l = zk.attention(q, k, v, lay, bias=b, score_mod=s, return_lse=True)
         return o, torch.where(torch.isfinite(l), l, torch.zeros_like(l))
 

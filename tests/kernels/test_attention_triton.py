@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import zoo.kernels as zk
+from _modifiers import modifier_leaves, rebuild_modifiers
 from zoo.kernels import triton as ta
 from zoo.kernels.lut import build_lut
 from zoo.kernels.reference import dense_oracle
@@ -76,28 +77,6 @@ CASES = _cases()
 FP16 = ["window_zero_relpos", "routed_duplicates_kvvalid_perhead", "segments_ragged_empty_rows", "dense_gmm_mul_prefix"]
 
 
-def _leaves(bias, sm):
-    out = []
-    if isinstance(bias, torch.Tensor):
-        out.append(bias)
-    elif bias is not None:
-        out += bias.tensors()
-    if sm is not None:
-        out += sm.tensors()
-    return out
-
-
-def _rebuild(bias, sm, ts):
-    """The same bias / score mod on other tensors (e.g. float64 leaves)."""
-    i = 0
-    if isinstance(bias, torch.Tensor):
-        bias, i = ts[0], 1
-    elif bias is not None:
-        i = len(bias.tensors())
-        bias = bias.with_tensors(ts[:i])
-    return bias, (sm.with_tensors(ts[i:i + len(sm.tensors())]) if sm is not None else None)
-
-
 def _to(obj, dev):
     """Move a layout / bias / score-mod object's tensors to `dev` (GPU variant of these tests)."""
     if obj is None or isinstance(obj, torch.Tensor):
@@ -117,7 +96,7 @@ def _check(name, dtype, D=16, Dv=16, scale=None, device="cpu"):
     bias = _to(mk_bias(dtype), device) if mk_bias else None
     sm = _to(mk_sm(dtype), device) if mk_sm else None
     q, k, v = (_r(B, H, L, d, dtype=dtype).to(device) for L, d in ((Lq, D), (Lk, D), (Lk, Dv)))
-    leaves = [q, k, v] + _leaves(bias, sm)
+    leaves = [q, k, v] + modifier_leaves(bias, sm)
     for t in leaves:
         t.requires_grad_(True)
     o, l = zk.attention(q, k, v, lay, bias=bias, score_mod=sm, scale=scale, return_lse=True, backend="triton")
@@ -127,7 +106,7 @@ def _check(name, dtype, D=16, Dv=16, scale=None, device="cpu"):
     g1 = torch.autograd.grad((o * go).sum() + (torch.where(fin, l, 0) * gl).sum(), leaves)
 
     dl = [t.detach().double().requires_grad_(True) for t in leaves]
-    b2, s2 = _rebuild(bias, sm, dl[3:])
+    b2, s2 = rebuild_modifiers(bias, sm, dl[3:])
     o2, l2 = dense_oracle(dl[0], dl[1], dl[2], lay, bias=b2, score_mod=s2, scale=scale)
     fin2 = torch.isfinite(l2)
     g2 = torch.autograd.grad((o2 * go.double()).sum() + (torch.where(fin2, l2, 0) * gl.double()).sum(), dl)
