@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _compile_check import assert_compiled_matches_eager
 import zoo  # noqa: F401
 import zoo.kernels as K
 from zoo.errors import UnsupportedError
@@ -495,23 +496,7 @@ def test_torch_compile_fullgraph_matches_eager(name):
     parameter gradients equal eager's."""
     torch.manual_seed(0)
     m = timm.create_model(name)
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    ex = m.example_inputs(2, **_SMALL_INPUTS[name])
-    m.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(**ex), m(**ex), rtol=1e-4, atol=1e-5)
-    m.train()
-    res = []
-    for fn in (m, compiled):
-        m.zero_grad()
-        out = fn(**ex)
-        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
-        res.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
-    (oe, ge), (oc, gc) = res
-    torch.testing.assert_close(oc, oe, rtol=1e-4, atol=1e-5)
-    assert ge.keys() == gc.keys() and len(ge) > 10
-    for k in ge:
-        torch.testing.assert_close(gc[k], ge[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_compiled_matches_eager(m, m.example_inputs(2, **_SMALL_INPUTS[name]), min_grads=10)
 
 
 @pytest.mark.parametrize("name", list(_SMALL_INPUTS))
