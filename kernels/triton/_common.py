@@ -4,7 +4,11 @@ input checks, stride and padding helpers, and the `Rows` bundle with its tile lo
 Kernels take their arguments as named bundles (typing.NamedTuple values; Triton >= 3.3 passes
 them into kernels and on into @triton.jit helpers, fields read as `t.ptr`, `t.s_b`): one bundle
 per tensor (pointer and strides), per layout geometry and per modifier, and constexpr bundles for
-the tile configuration and feature switches (a NamedTuple given to a `tl.constexpr` parameter).
+the tile configuration and feature switches (tuples of `tl.constexpr` values, see `constexprs`).
+
+A bundle holds either plain values or other bundles, never both, and no field is named `values` or
+`type`: triton 3.6 drops a specialised constant (a stride equal to 1) from a sub-bundle of a
+mixed bundle when it copies the bundle at a loop, and `tl.tuple`'s own attributes shadow such fields.
 """
 from __future__ import annotations
 

@@ -117,21 +117,31 @@ class Predicates(NamedTuple):
     mask: PairMap
 
 
+class HeadRows(NamedTuple):
+    """A (H|1, N) tensor: pointer and head stride (0: broadcast)."""
+    ptr: torch.Tensor
+    s_h: int
+
+
 class Table(NamedTuple):
-    table: torch.Tensor      # (H|1, T) bias values
-    t_sh: int
+    table: HeadRows          # (H|1, T) bias values
     index: PairMap           # (B|1, 1, Lq, Lk) int32 indices into the table
 
 
-class RelPos(NamedTuple):
-    """Decomposed rel-pos logits: rh (B|1, H|1, Lq, Rh), rw (.., Rw); qgw / kgw: grid widths of
-    the query and key tokens (when offsets are not window-local)."""
-    rh: Rows
-    rw: Rows
+class RelGrid(NamedTuple):
+    """Offset ranges of decomposed rel-pos (Rh, Rw) and the grid widths of the query and key
+    tokens (qgw, kgw; used when offsets are not window-local)."""
     Rh: int
     Rw: int
     qgw: int
     kgw: int
+
+
+class RelPos(NamedTuple):
+    """Decomposed rel-pos logits: rh (B|1, H|1, Lq, Rh), rw (.., Rw) on `grid`."""
+    rh: Rows
+    rw: Rows
+    grid: RelGrid
 
 
 class Gmm(NamedTuple):
@@ -149,14 +159,19 @@ class Modifiers(NamedTuple):
     gmm: Gmm
 
 
-class ModGrads(NamedTuple):
-    """fp32 gradient buffers of the modifiers' parameters (dQ kernel); dbias has bias's shape."""
-    dbias: PairMap
+class ParamGrads(NamedTuple):
+    """fp32 gradient buffers laid out like the table, rel-pos and GMM parameters."""
     dtable: torch.Tensor
     drh: torch.Tensor
     drw: torch.Tensor
     dalpha: torch.Tensor
     dsigma: torch.Tensor
+
+
+class ModGrads(NamedTuple):
+    """Gradient buffers of the modifiers (dQ kernel): dbias has the dense bias's shape."""
+    dbias: PairMap
+    params: ParamGrads
 
 
 class Tiles(NamedTuple):
@@ -339,18 +354,18 @@ if HAS_TRITON:
         if feat.BIAS == 2:
             tab = mods.table
             iv = tl.load(_pair_ptrs(tab.index, b, h, tq, tk), mask=pair, other=0)
-            tv = tl.load(tab.table + h * tab.t_sh + iv, mask=pair, other=0.0)
+            tv = tl.load(tab.table.ptr + h * tab.table.s_h + iv, mask=pair, other=0.0)
             s += tv.to(tl.float32)
         if feat.BIAS == 3:
             rp = mods.relpos
             if feat.RP_WIN:
-                iy = (ky - sy)[None, :] - ly[:, None] + rp.Rh // 2
-                ix = (kx - sx)[None, :] - lx[:, None] + rp.Rw // 2
+                iy = (ky - sy)[None, :] - ly[:, None] + rp.grid.Rh // 2
+                ix = (kx - sx)[None, :] - lx[:, None] + rp.grid.Rw // 2
             else:
-                iy = (tk // rp.kgw)[None, :] - (tq // rp.qgw)[:, None] + rp.Rh // 2
-                ix = (tk % rp.kgw)[None, :] - (tq % rp.qgw)[:, None] + rp.Rw // 2
-            okh = qv[:, None] & kspan[None, :] & (iy >= 0) & (iy < rp.Rh)
-            okw = qv[:, None] & kspan[None, :] & (ix >= 0) & (ix < rp.Rw)
+                iy = (tk // rp.grid.kgw)[None, :] - (tq // rp.grid.qgw)[:, None] + rp.grid.Rh // 2
+                ix = (tk % rp.grid.kgw)[None, :] - (tq % rp.grid.qgw)[:, None] + rp.grid.Rw // 2
+            okh = qv[:, None] & kspan[None, :] & (iy >= 0) & (iy < rp.grid.Rh)
+            okw = qv[:, None] & kspan[None, :] & (ix >= 0) & (ix < rp.grid.Rw)
             if not feat.RP_WIN:
                 okh = okh & kin[None, :]
                 okw = okw & kin[None, :]
@@ -509,11 +524,11 @@ if HAS_TRITON:
             if feat.BIAS == 2:
                 tab = mods.table
                 iv = tl.load(_pair_ptrs(tab.index, b, h, tq, tk), mask=pair, other=0)
-                tl.atomic_add(G.dtable + h * tab.t_sh + iv, ds, mask=pair)
+                tl.atomic_add(G.params.dtable + h * tab.table.s_h + iv, ds, mask=pair)
             if feat.BIAS == 3:
                 rp = mods.relpos
-                drh = G.drh + b * rp.rh.s_b + h * rp.rh.s_h + tq[:, None] * rp.rh.s_n
-                drw = G.drw + b * rp.rw.s_b + h * rp.rw.s_h + tq[:, None] * rp.rw.s_n
+                drh = G.params.drh + b * rp.rh.s_b + h * rp.rh.s_h + tq[:, None] * rp.rh.s_n
+                drw = G.params.drw + b * rp.rw.s_b + h * rp.rw.s_h + tq[:, None] * rp.rw.s_n
                 if feat.RP_WIN:
                     ds3 = tl.reshape(ds, (tile.BM, tile.KTY, tile.KTX))
                     dh = tl.sum(ds3, 2)
@@ -522,17 +537,17 @@ if HAS_TRITON:
                     tx = kb % geo.ntx
                     ry = ty * tile.KSY - geo.ay + tl.arange(0, tile.KTY)
                     rx = tx * tile.KSX - geo.ax + tl.arange(0, tile.KTX)
-                    iy = (ry - sy)[None, :] - ly[:, None] + rp.Rh // 2
-                    ix = (rx - sx)[None, :] - lx[:, None] + rp.Rw // 2
-                    okh = qv[:, None] & (tl.arange(0, tile.KTY) < tile.KSY)[None, :] & (iy >= 0) & (iy < rp.Rh)
-                    okw = qv[:, None] & (tl.arange(0, tile.KTX) < tile.KSX)[None, :] & (ix >= 0) & (ix < rp.Rw)
+                    iy = (ry - sy)[None, :] - ly[:, None] + rp.grid.Rh // 2
+                    ix = (rx - sx)[None, :] - lx[:, None] + rp.grid.Rw // 2
+                    okh = qv[:, None] & (tl.arange(0, tile.KTY) < tile.KSY)[None, :] & (iy >= 0) & (iy < rp.grid.Rh)
+                    okw = qv[:, None] & (tl.arange(0, tile.KTX) < tile.KSX)[None, :] & (ix >= 0) & (ix < rp.grid.Rw)
                     tl.atomic_add(drh + iy, dh, mask=okh)
                     tl.atomic_add(drw + ix, dw, mask=okw)
                 else:
-                    iy = (tk // rp.kgw)[None, :] - (tq // rp.qgw)[:, None] + rp.Rh // 2
-                    ix = (tk % rp.kgw)[None, :] - (tq % rp.qgw)[:, None] + rp.Rw // 2
-                    okh = pair & (iy >= 0) & (iy < rp.Rh)
-                    okw = pair & (ix >= 0) & (ix < rp.Rw)
+                    iy = (tk // rp.grid.kgw)[None, :] - (tq // rp.grid.qgw)[:, None] + rp.grid.Rh // 2
+                    ix = (tk % rp.grid.kgw)[None, :] - (tq % rp.grid.qgw)[:, None] + rp.grid.Rw // 2
+                    okh = pair & (iy >= 0) & (iy < rp.grid.Rh)
+                    okw = pair & (ix >= 0) & (ix < rp.grid.Rw)
                     tl.atomic_add(drh + iy, ds, mask=okh)
                     tl.atomic_add(drw + ix, ds, mask=okw)
         return dq, ga, gs
@@ -555,8 +570,8 @@ if HAS_TRITON:
         if feat.GMM:
             offs_k = tl.arange(0, feat.KP)
             a_off = h * mods.gmm.a_sh * feat.NK + offs_k
-            tl.atomic_add(G.dalpha + a_off, ga, mask=offs_k < feat.NK)
-            tl.atomic_add(G.dsigma + a_off, gs, mask=offs_k < feat.NK)
+            tl.atomic_add(G.params.dalpha + a_off, ga, mask=offs_k < feat.NK)
+            tl.atomic_add(G.params.dsigma + a_off, gs, mask=offs_k < feat.NK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -619,9 +634,9 @@ class _Plan:
                                Causal(a["c_off"], a["c_pre"]), _pair_map(a, "MSK", "m_"))
         self.modifiers = Modifiers(
             bias=_pair_map(a, "BP", "bp_"),
-            table=Table(a["TAB"], a["tab_sh"], PairMap(a["IDX"], a["ix_sb"], 0, a["ix_si"], a["ix_sj"])),
+            table=Table(HeadRows(a["TAB"], a["tab_sh"]), PairMap(a["IDX"], a["ix_sb"], 0, a["ix_si"], a["ix_sj"])),
             relpos=RelPos(Rows(a["RH"], a["rh_sb"], a["rh_sh"], a["rh_si"]),
-                          Rows(a["RW"], a["rw_sb"], a["rw_sh"], a["rw_si"]), a["Rh"], a["Rw"], a["qgw"], a["kgw"]),
+                          Rows(a["RW"], a["rw_sb"], a["rw_sh"], a["rw_si"]), RelGrid(a["Rh"], a["Rw"], a["qgw"], a["kgw"])),
             gmm=Gmm(a["ALPHA"], a["SIGMA"], a["a_sh"], a["GP"], a["ggw"]))
         DP, DVP = pow2_at_least_16(D), pow2_at_least_16(Dv)
         dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(q.dtype, tl.float32)
@@ -674,7 +689,7 @@ def _bwd(plan: _Plan, dout, dlse, q, k, v, out, lse):
         bufs = m.triton_grad_buffers(plan.args, shape, q.device)
         g.update(bufs)
         per_mod.append(bufs)
-    grads = ModGrads(_pair_map(g, "DBIAS", "db_"), g["DTAB"], g["DRH"], g["DRW"], g["DALPHA"], g["DSIGMA"])
+    grads = ModGrads(_pair_map(g, "DBIAS", "db_"), ParamGrads(g["DTAB"], g["DRH"], g["DRW"], g["DALPHA"], g["DSIGMA"]))
     feats = plan.features._replace(DB_ATOMIC=bool(g["DB_ATOMIC"]))
     _attn_bwd_dq[(plan.lut.nQB, B * H)](Q, K, V, DO, lse, delta, rows(dq), *plan.tile_lists(), grads,
                                         *plan.layout_args(), constexprs(plan.tiles), constexprs(feats), **plan.launch)

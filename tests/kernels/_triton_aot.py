@@ -85,6 +85,28 @@ def flat_constexprs(spec) -> dict:
     return out
 
 
+def bundle_problems(spec) -> list:
+    """Argument bundles of a spec that triton 3.3-3.6's front end mishandles: a bundle holding
+    both plain values and sub-bundles (a specialised constant inside the sub-bundle is lost when
+    the compiler copies the bundle at a loop), and fields named like `tl.tuple`'s own attributes."""
+    out = []
+
+    def walk(name, entry):
+        if not isinstance(entry, dict):
+            return
+        nested = [isinstance(i, dict) for i in entry["items"]]
+        fields = _fields(entry["tuple"]) if entry["tuple"] else []
+        if any(nested) and not all(nested):
+            out.append(f"{spec['name']}: {name} mixes values and bundles")
+        out.extend(f"{spec['name']}: {name}.{f} shadows tl.tuple.{f}" for f in fields if f in ("values", "type"))
+        for f, item in zip(fields or range(len(nested)), entry["items"]):
+            walk(f"{name}.{f}", item)
+
+    for name, entry in spec["signature"].items():
+        walk(name, entry)
+    return out
+
+
 def _fields(path):
     import importlib
     mod, qual = path.split(":")

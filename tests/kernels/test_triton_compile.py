@@ -7,7 +7,7 @@ import torch
 from zoo.kernels.msda import triton as msda_triton
 from zoo.kernels import triton as ta
 
-from _triton_aot import compile_specs, model_shaped_launches, record_launches
+from _triton_aot import bundle_problems, compile_specs, model_shaped_launches, record_launches
 
 pytestmark = pytest.mark.skipif(not (ta.interpreter_enabled() and msda_triton.AVAILABLE),
                                 reason="needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets it)")
@@ -40,5 +40,7 @@ def test_every_launched_kernel_variant_compiles_for_sm90(monkeypatch):
     names = {s["name"] for s in specs}
     assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_keylist_fwd", "_keylist_bwd"} <= names
     assert any(n.startswith("msda") for n in names)
+    # triton 3.6 (what the GPU machines have) compiles only bundles that are all values or all bundles
+    assert not [p for s in specs for p in bundle_problems(s)]
     failures = compile_specs(specs, arch=90)
     assert not failures, "\n\n".join(f"{f['name']} {f['constexprs']}:\n{f['error']}" for f in failures)
