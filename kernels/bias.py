@@ -99,9 +99,11 @@ class Modifier:
         raise NotImplementedError
 
     def triton_args(self, layout, device) -> dict:
+        """The kernel argument bundles this modifier fills, by slot (kernels/triton/bundles.py)."""
         raise NotImplementedError
 
-    def triton_grad_buffers(self, args, shape, device) -> dict:
+    def triton_grad_buffers(self, lowered, shape, device) -> dict:
+        """Gradient buffers for the dQ kernel, by slot; `lowered` is what `triton_args` returned."""
         return {}
 
     def triton_grads(self, bufs) -> List[torch.Tensor]:
@@ -242,18 +244,18 @@ class DenseBias(Modifier):
         return dense_bias
 
     def triton_args(self, layout, device):
-        bt = self._as4()
-        return dict(BIAS=1, BP=bt, bp_sb=_bs(bt, 0), bp_sh=_bs(bt, 1), bp_si=_bs(bt, 2), bp_sj=_bs(bt, 3))
+        from .triton.bundles import pair_map
+        return dict(bias=pair_map(self._as4()))
 
-    def triton_grad_buffers(self, args, shape, device):
-        bt = args["BP"]
+    def triton_grad_buffers(self, lowered, shape, device):
+        from .triton.bundles import pair_map
+        bt = lowered["bias"].ptr
         db = torch.zeros(bt.shape, device=device, dtype=torch.float32)
         atomic = any(bt.shape[i] == 1 and n > 1 for i, n in enumerate(shape))
-        return dict(DBIAS=db, db_sb=_bs(db, 0), db_sh=_bs(db, 1), db_si=_bs(db, 2), db_sj=_bs(db, 3),
-                    DB_ATOMIC=atomic)
+        return dict(dbias=pair_map(db), features=dict(DB_ATOMIC=atomic))
 
     def triton_grads(self, bufs):
-        return [bufs["DBIAS"].to(self.bias.dtype).reshape(self.bias.shape)]
+        return [bufs["dbias"].ptr.to(self.bias.dtype).reshape(self.bias.shape)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,16 +319,16 @@ class IndexedBias(Modifier):
         return idx_bias
 
     def triton_args(self, layout, device):
+        from .triton.bundles import HeadRows, PairMap, Table
         tab = self.table.contiguous()
         idx = self.index.to(device=device, dtype=torch.int32).contiguous()
-        return dict(BIAS=2, TAB=tab, tab_sh=_bs(tab, 0), IDX=idx, ix_sb=_bs(idx, 0), ix_si=idx.stride(1),
-                    ix_sj=idx.stride(2))
+        return dict(table=Table(HeadRows(tab, _bs(tab, 0)), PairMap(idx, _bs(idx, 0), 0, idx.stride(1), idx.stride(2))))
 
-    def triton_grad_buffers(self, args, shape, device):
-        return dict(DTAB=torch.zeros(args["TAB"].shape, device=device, dtype=torch.float32))
+    def triton_grad_buffers(self, lowered, shape, device):
+        return dict(dtable=torch.zeros(lowered["table"].table.ptr.shape, device=device, dtype=torch.float32))
 
     def triton_grads(self, bufs):
-        return [bufs["DTAB"].to(self.table.dtype)]
+        return [bufs["dtable"].to(self.table.dtype)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -446,20 +448,23 @@ class RelPosBias(Modifier):
         return rel
 
     def triton_args(self, layout, device):
+        from .triton._common import Rows
+        from .triton.bundles import RelGrid, RelPos
         rh, rw = self.rel_h.contiguous(), self.rel_w.contiguous()
-        a = dict(BIAS=3, RH=rh, RW=rw, rh_sb=_bs(rh, 0), rh_sh=_bs(rh, 1), rh_si=rh.stride(2),
-                 rw_sb=_bs(rw, 0), rw_sh=_bs(rw, 1), rw_si=rw.stride(2), Rh=rh.shape[-1], Rw=rw.shape[-1],
-                 RP_WIN=bool(getattr(layout, "local_positions", False)))
-        if not a["RP_WIN"]:
-            a.update(qgw=self.q_grid[1], kgw=self.k_grid[1])
-        return a
+        local = bool(getattr(layout, "local_positions", False))
+        grid = RelGrid(rh.shape[-1], rw.shape[-1])
+        if not local:
+            grid = grid._replace(qgw=self.q_grid[1], kgw=self.k_grid[1])
+        rows = [Rows(t, _bs(t, 0), _bs(t, 1), t.stride(2)) for t in (rh, rw)]
+        return dict(relpos=RelPos(*rows, grid), features=dict(RP_WIN=local))
 
-    def triton_grad_buffers(self, args, shape, device):
-        return dict(DRH=torch.zeros(args["RH"].shape, device=device, dtype=torch.float32),
-                    DRW=torch.zeros(args["RW"].shape, device=device, dtype=torch.float32))
+    def triton_grad_buffers(self, lowered, shape, device):
+        rp = lowered["relpos"]
+        return dict(drh=torch.zeros(rp.rh.ptr.shape, device=device, dtype=torch.float32),
+                    drw=torch.zeros(rp.rw.ptr.shape, device=device, dtype=torch.float32))
 
     def triton_grads(self, bufs):
-        return [bufs["DRH"].to(self.rel_h.dtype), bufs["DRW"].to(self.rel_w.dtype)]
+        return [bufs["drh"].to(self.rel_h.dtype), bufs["drw"].to(self.rel_w.dtype)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -566,15 +571,17 @@ class GaussianMixture(Modifier):
         al, sg = self.alpha.contiguous(), self.sigma.contiguous()
         NK = al.shape[1]
         kp = 1 << max(0, NK - 1).bit_length()
-        return dict(ALPHA=al, SIGMA=sg, a_sh=1 if al.shape[0] > 1 else 0, GP=self.num_prefix_tokens,
-                    ggw=self.grid[1], NK=NK, KP=max(2, kp), GMM=True, GADD=self.mode == "add")
+        from .triton.bundles import Gmm
+        return dict(gmm=Gmm(al, sg, 1 if al.shape[0] > 1 else 0, self.num_prefix_tokens, self.grid[1]),
+                    features=dict(NK=NK, KP=max(2, kp), GADD=self.mode == "add"))
 
-    def triton_grad_buffers(self, args, shape, device):
-        return dict(DALPHA=torch.zeros(args["ALPHA"].shape, device=device, dtype=torch.float32),
-                    DSIGMA=torch.zeros(args["SIGMA"].shape, device=device, dtype=torch.float32))
+    def triton_grad_buffers(self, lowered, shape, device):
+        g = lowered["gmm"]
+        return dict(dalpha=torch.zeros(g.alpha.shape, device=device, dtype=torch.float32),
+                    dsigma=torch.zeros(g.sigma.shape, device=device, dtype=torch.float32))
 
     def triton_grads(self, bufs):
-        return [bufs["DALPHA"].to(self.alpha.dtype), bufs["DSIGMA"].to(self.sigma.dtype)]
+        return [bufs["dalpha"].to(self.alpha.dtype), bufs["dsigma"].to(self.sigma.dtype)]
 
 
 # ------------------------------------------------------------------------------------------------

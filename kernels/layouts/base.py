@@ -139,6 +139,7 @@ class Layout:
     linear_tiles = True
 
     def triton_args(self, device) -> dict:
+        """The kernel argument bundles this layout fills, by slot (kernels/triton/bundles.py)."""
         raise NotImplementedError(f"{type(self).__name__} has no Triton lowering")
 
     def reference_plan(self, B, H, device):
@@ -164,11 +165,12 @@ class Layout:
 
 
 def triton_kv_valid(kv_valid, dev) -> dict:
-    """Kernel arguments of a (B|1, Lk) key-validity mask (the shared `kv_valid` predicate)."""
+    """The `kv_valid` slot of a (B|1, Lk) key-validity mask (empty when there is none)."""
     if kv_valid is None:
         return {}
+    from ..triton.bundles import KeyValid
     kvv = kv_valid.to(device=dev, dtype=torch.int8).contiguous()
-    return dict(KVV=kvv, kvv_sb=kvv.stride(0) if kvv.shape[0] > 1 else 0, HAS_KVV=True)
+    return dict(kv_valid=KeyValid(kvv, kvv.stride(0) if kvv.shape[0] > 1 else 0))
 
 
 def unsupported(backend: str, what: str, layout, mods, dropout_p: float, dropout: bool = False) -> str:

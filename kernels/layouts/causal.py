@@ -70,7 +70,8 @@ class CausalLayout(Layout):
         return from_matrix(C.contiguous(), **geo)
 
     def triton_args(self, dev):
-        return dict(c_off=self.offset, c_pre=self.prefix, CAUSAL=True, **triton_kv_valid(self.kv_valid, dev))
+        from ..triton.bundles import Causal
+        return dict(causal=Causal(self.offset, self.prefix), **triton_kv_valid(self.kv_valid, dev))
 
     def reference_plan(self, B, H, dev):
         return RowPlan(self, B, H, self.q_len, self.kv_len, dev)

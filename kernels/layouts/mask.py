@@ -51,9 +51,8 @@ class MaskLayout(Layout):
         return from_matrix(C.contiguous(), **geo)
 
     def triton_args(self, dev):
-        m = self.mask.to(device=dev, dtype=torch.int8)
-        return dict(MSK=m, m_sb=m.stride(0) if m.shape[0] > 1 else 0, m_sh=m.stride(1) if m.shape[1] > 1 else 0,
-                    m_si=m.stride(2), m_sj=m.stride(3), HAS_MASK=True)
+        from ..triton.bundles import pair_map
+        return dict(mask=pair_map(self.mask.to(device=dev, dtype=torch.int8)))
 
     def reference_plan(self, B, H, dev):
         return RowPlan(self, B, H, self.q_len, self.kv_len, dev)

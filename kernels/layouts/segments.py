@@ -75,8 +75,9 @@ class SegmentLayout(Layout):
     def triton_args(self, dev):
         qi = self.q_ids.to(device=dev, dtype=torch.int32).contiguous()
         ki = self.kv_ids.to(device=dev, dtype=torch.int32).contiguous()
-        return dict(QID=qi, KID=ki, qid_sb=qi.stride(0) if qi.shape[0] > 1 else 0,
-                    kid_sb=ki.stride(0) if ki.shape[0] > 1 else 0, HAS_SEG=True)
+        from ..triton.bundles import Segments
+        return dict(segments=Segments(qi, ki, qi.stride(0) if qi.shape[0] > 1 else 0,
+                                      ki.stride(0) if ki.shape[0] > 1 else 0))
 
     def reference_plan(self, B, H, dev):
         return _SegmentPlan(self, B, H, dev)

@@ -67,7 +67,8 @@ class SlidingWindowLayout(Layout):
         m = self.__dict__.get("_mask_i8")
         if m is None or m.device != torch.device(dev):
             m = self._mask_i8 = self.to_dense_mask().to(device=dev, dtype=torch.int8)
-        return dict(MSK=m, m_sb=0, m_sh=0, m_si=m.stride(2), m_sj=m.stride(3), HAS_MASK=True)
+        from ..triton.bundles import pair_map
+        return dict(mask=pair_map(m))
 
     def reference_plan(self, B, H, dev):
         plan = RowPlan(self, B, H, self.q_len, self.kv_len, dev)

@@ -242,10 +242,10 @@ class WindowLayout(Layout):
         return from_matrix(C, **geo)
 
     def triton_args(self, dev):
-        a = dict(bq=self.bq, nbx=self.nbx, wq=self.w // self.stride, block=self.block, halo=self.halo,
-                 win_h=self.win_h, win_w=self.win_w, mh=self.h, mw=self.w, WIN=True, CLAMP=self.border == "clamp")
-        a.update(triton_kv_valid(self.kv_valid, dev))
-        return a
+        from ..triton.bundles import Geometry
+        geo = Geometry(bq=self.bq, nbx=self.nbx, wq=self.w // self.stride, block=self.block, halo=self.halo,
+                       win_h=self.win_h, win_w=self.win_w, mh=self.h, mw=self.w)
+        return dict(geometry=geo, features=dict(CLAMP=self.border == "clamp"), **triton_kv_valid(self.kv_valid, dev))
 
     def reference_plan(self, B, H, dev):
         return _WindowPlan(self, B, H, dev)

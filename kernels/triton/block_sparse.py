@@ -10,24 +10,26 @@ parameter gradients use fp32 atomics in the dQ kernel; a dense bias gets its dS 
 A launch reads as: tensors as `Rows` bundles (Q, K, V, O, ...), the LUT as two `TileList`s
 (partial, full), then `Dims`, the layout's runtime `Geometry`, its element `Predicates`, the
 `Modifiers` (and `ModGrads` for dQ), and two constexpr bundles: `Tiles` (tile shape, token maps,
-dot dtype) and `Features` (which predicates and modifiers are compiled in). A switched-off
-predicate or modifier keeps a neutral bundle (dummy pointers, zero strides).
+dot dtype) and `Features` (which predicates and modifiers are compiled in); all defined in
+bundles.py. A switched-off predicate or modifier keeps a neutral bundle (dummy pointers, zero
+strides).
 
-The host side knows no layout or modifier types: `_Plan` starts from neutral kernel arguments and
-lets the layout (`Layout.triton_args`, `Layout.block_lut`) and each modifier
-(`Modifier.triton_args`, `triton_grad_buffers`, `triton_grads`) fill in theirs, then packs those
-flat values into the bundles.
+The host side knows no layout or modifier types: `_Plan` starts from the neutral bundles and lets
+the layout (`Layout.triton_args`, `Layout.block_lut`) and each modifier (`Modifier.triton_args`,
+`triton_grad_buffers`, `triton_grads`) fill the slots they lower to.
 
 Only plain `tl.load/store/dot/atomic_add` are used so the same code runs on triton 3.6 and 3.8 and
 under TRITON_INTERPRET=1 (tests run the kernels on CPU tensors that way; no bf16 there).
 """
-from typing import Any, List, NamedTuple, Tuple
+from typing import List, Tuple
 
 import torch
 
 from ..lut import build_lut
-from ._common import (HAS_TRITON, Rows, bs, call_reason, constexprs, contig, load_tile, pow2_at_least_16, row_base,
-                      rows, store_tile, tl, triton)
+from ._common import (HAS_TRITON, bs, call_reason, constexprs, contig, load_tile, pow2_at_least_16, row_base, rows,
+                      store_tile, tl, triton)
+from .bundles import (SWITCHES, Dims, Features, ModGrads, Modifiers, ParamGrads, Predicates, TileList, Tiles, neutral,
+                      neutral_grads)
 
 __all__ = ["can_run", "run", "TILE_OPTIONS"]
 
@@ -39,181 +41,6 @@ TILE_OPTIONS = {"block_m": 64, "block_n": 64}
 def can_run(q, k, v, layout, mods, dropout_p):
     why = call_reason(q, k, v, "triton", "the block-sparse Triton kernel", layout, mods, dropout_p)
     return not why, why
-
-
-# ------------------------------------------------------------------------------------------------
-# argument bundles
-# ------------------------------------------------------------------------------------------------
-class TileList(NamedTuple):
-    """One LUT list: per tile the count (num, (LB, LH, n)) and indices (idx, (LB, LH, n, max)) of
-    the tiles it pairs with; n_* / i_* are their batch, head (0: broadcast) and tile strides."""
-    num: torch.Tensor
-    n_sb: int
-    n_sh: int
-    idx: torch.Tensor
-    i_sb: int
-    i_sh: int
-    i_st: int
-
-
-class Dims(NamedTuple):
-    Lq: int
-    Lk: int
-    H: int
-    D: int
-    Dv: int
-    scale: float
-
-
-class Geometry(NamedTuple):
-    """Runtime geometry of 2-D window tiles: query blocks (bq wide, nbx per row, wq query-map
-    width), windows (block stride, halo, win_h x win_w), the key map (mh x mw) and the key-tile
-    grid (ntx tiles per row, anchored at -ay, -ax). Linear layouts leave the neutral values."""
-    bq: int
-    nbx: int
-    wq: int
-    block: int
-    halo: int
-    win_h: int
-    win_w: int
-    mh: int
-    mw: int
-    ntx: int
-    ay: int
-    ax: int
-
-
-class PairMap(NamedTuple):
-    """A (B|1, H|1, Lq, Lk) tensor: pointer, batch / head strides (0: broadcast), query and key strides."""
-    ptr: torch.Tensor
-    s_b: int
-    s_h: int
-    s_i: int
-    s_j: int
-
-
-class KeyValid(NamedTuple):
-    ptr: torch.Tensor        # (B|1, Lk) int8
-    s_b: int
-
-
-class Segments(NamedTuple):
-    q_ids: torch.Tensor      # (B|1, Lq) int32
-    kv_ids: torch.Tensor     # (B|1, Lk) int32
-    q_sb: int
-    kv_sb: int
-
-
-class Causal(NamedTuple):
-    offset: int
-    prefix: int
-
-
-class Predicates(NamedTuple):
-    """Element predicates of partial tiles (each compiled in by its `Features` switch)."""
-    kv_valid: KeyValid
-    segments: Segments
-    causal: Causal
-    mask: PairMap
-
-
-class HeadRows(NamedTuple):
-    """A (H|1, N) tensor: pointer and head stride (0: broadcast)."""
-    ptr: torch.Tensor
-    s_h: int
-
-
-class Table(NamedTuple):
-    table: HeadRows          # (H|1, T) bias values
-    index: PairMap           # (B|1, 1, Lq, Lk) int32 indices into the table
-
-
-class RelGrid(NamedTuple):
-    """Offset ranges of decomposed rel-pos (Rh, Rw) and the grid widths of the query and key
-    tokens (qgw, kgw; used when offsets are not window-local)."""
-    Rh: int
-    Rw: int
-    qgw: int
-    kgw: int
-
-
-class RelPos(NamedTuple):
-    """Decomposed rel-pos logits: rh (B|1, H|1, Lq, Rh), rw (.., Rw) on `grid`."""
-    rh: Rows
-    rw: Rows
-    grid: RelGrid
-
-
-class Gmm(NamedTuple):
-    alpha: torch.Tensor      # (H|1, NK) mixture weights
-    sigma: torch.Tensor      # (H|1, NK) widths
-    a_sh: int
-    prefix: int              # tokens before the grid (no modulation)
-    grid_w: int
-
-
-class Modifiers(NamedTuple):
-    bias: PairMap
-    table: Table
-    relpos: RelPos
-    gmm: Gmm
-
-
-class ParamGrads(NamedTuple):
-    """fp32 gradient buffers laid out like the table, rel-pos and GMM parameters."""
-    dtable: torch.Tensor
-    drh: torch.Tensor
-    drw: torch.Tensor
-    dalpha: torch.Tensor
-    dsigma: torch.Tensor
-
-
-class ModGrads(NamedTuple):
-    """Gradient buffers of the modifiers (dQ kernel): dbias has the dense bias's shape."""
-    dbias: PairMap
-    params: ParamGrads
-
-
-class Tiles(NamedTuple):
-    """Constexpr tile configuration: query / key token maps (mode 0 linear spans QS / KS, mode 1
-    2-D window tiles QX wide, key tiles KSY x KSX in KTY x KTX), padded key slots (K_PAD), tile
-    sizes, padded head dims, the dtype of the P·V operand and the dot precision."""
-    Q_MODE: int
-    QS: int
-    QX: int
-    K_MODE: int
-    KS: int
-    KSY: int
-    KSX: int
-    KTY: int
-    KTX: int
-    K_PAD: bool
-    BM: int
-    BN: int
-    DP: int
-    DVP: int
-    DOT_DTYPE: Any
-    PREC: str
-
-
-class Features(NamedTuple):
-    """Constexpr switches: which predicates (WIN, CLAMP, HAS_KVV, HAS_SEG, CAUSAL, HAS_MASK) and
-    modifiers (BIAS 0 none / 1 dense / 2 table / 3 rel-pos with RP_WIN window-local offsets; GMM
-    with NK components padded to KP, GADD additive) are compiled in; DB_ATOMIC: the dense bias
-    broadcasts, so its gradient is accumulated with atomics."""
-    WIN: bool
-    CLAMP: bool
-    HAS_KVV: bool
-    HAS_SEG: bool
-    CAUSAL: bool
-    HAS_MASK: bool
-    BIAS: int
-    RP_WIN: bool
-    NK: int
-    KP: int
-    GMM: bool
-    GADD: bool
-    DB_ATOMIC: bool
 
 
 if HAS_TRITON:
@@ -577,31 +404,21 @@ if HAS_TRITON:
 # ------------------------------------------------------------------------------------------------
 # host side
 # ------------------------------------------------------------------------------------------------
-def _neutral_args(dev):
-    """Flat kernel arguments with every layout predicate and modifier switched off (the keys that
-    `Layout.triton_args` and `Modifier.triton_args` override)."""
-    dummy = torch.zeros(1, device=dev, dtype=torch.int32)
-    fdummy = torch.zeros(1, device=dev, dtype=torch.float32)
-    return dict(bq=1, nbx=1, wq=1, block=1, halo=0, win_h=1, win_w=1, mh=1, mw=1, WIN=False, CLAMP=False,
-                KVV=dummy, kvv_sb=0, HAS_KVV=False, QID=dummy, KID=dummy, qid_sb=0, kid_sb=0, HAS_SEG=False,
-                c_off=0, c_pre=0, CAUSAL=False, MSK=dummy, m_sb=0, m_sh=0, m_si=0, m_sj=0, HAS_MASK=False,
-                BIAS=0, BP=fdummy, bp_sb=0, bp_sh=0, bp_si=0, bp_sj=0, TAB=fdummy, tab_sh=0, IDX=dummy,
-                ix_sb=0, ix_si=0, ix_sj=0, RH=fdummy, RW=fdummy, rh_sb=0, rh_sh=0, rh_si=0, rw_sb=0, rw_sh=0,
-                rw_si=0, Rh=1, Rw=1, RP_WIN=False, qgw=1, kgw=1, ALPHA=fdummy, SIGMA=fdummy, a_sh=0, GP=0,
-                ggw=1, NK=1, KP=2, GMM=False, GADD=False), fdummy
-
-
-def _neutral_grads(fdummy):
-    return dict(DBIAS=fdummy, db_sb=0, db_sh=0, db_si=0, db_sj=0, DB_ATOMIC=False, DTAB=fdummy, DRH=fdummy,
-                DRW=fdummy, DALPHA=fdummy, DSIGMA=fdummy)
-
-
-def _pair_map(a, ptr, prefix):
-    return PairMap(a[ptr], a[prefix + "sb"], a[prefix + "sh"], a[prefix + "si"], a[prefix + "sj"])
-
-
 def _tile_list(num, idx) -> TileList:
     return TileList(num, bs(num, 0), bs(num, 1), idx, bs(idx, 0), bs(idx, 1), idx.stride(2))
+
+
+def _fill(slots: dict, switches: dict, lowered: dict):
+    """Put a lowering's bundles into `slots` and the switches they turn on into `switches`."""
+    for name, value in lowered.items():
+        if name == "features":
+            switches.update(value)
+            continue
+        if name not in slots:
+            raise KeyError(f"triton lowering filled an unknown slot {name!r}; slots: {sorted(slots)}")
+        slots[name] = value
+        if name in SWITCHES:
+            switches[SWITCHES[name][0]] = SWITCHES[name][1]
 
 
 class _Plan:
@@ -621,30 +438,22 @@ class _Plan:
         block_n = min(TILE_OPTIONS["block_n"], 32) if heavy and linear else TILE_OPTIONS["block_n"]
         lut = build_lut(layout, Lq, Lk, dev, TILE_OPTIONS["block_m"], block_n)
         self.lut = lut
-        a, self.fdummy = _neutral_args(dev)
+        slots, switches = neutral(dev), {}
         if layout is not None:
-            a.update(layout.triton_args(dev))
-        for m in self.mods:
-            a.update(m.triton_args(layout, dev))
-        self.args = a                     # flat, as the modifiers' `triton_grad_buffers` read them
+            _fill(slots, switches, layout.triton_args(dev))
+        self.mod_args = [m.triton_args(layout, dev) for m in self.mods]
+        for lowered in self.mod_args:
+            _fill(slots, switches, lowered)
         self.dims = Dims(Lq, Lk, H, D, Dv, float(scale))
-        self.geo = Geometry(a["bq"], a["nbx"], a["wq"], a["block"], a["halo"], a["win_h"], a["win_w"], a["mh"],
-                            a["mw"], lut.ntx, lut.ay, lut.ax)
-        self.pred = Predicates(KeyValid(a["KVV"], a["kvv_sb"]), Segments(a["QID"], a["KID"], a["qid_sb"], a["kid_sb"]),
-                               Causal(a["c_off"], a["c_pre"]), _pair_map(a, "MSK", "m_"))
-        self.modifiers = Modifiers(
-            bias=_pair_map(a, "BP", "bp_"),
-            table=Table(HeadRows(a["TAB"], a["tab_sh"]), PairMap(a["IDX"], a["ix_sb"], 0, a["ix_si"], a["ix_sj"])),
-            relpos=RelPos(Rows(a["RH"], a["rh_sb"], a["rh_sh"], a["rh_si"]),
-                          Rows(a["RW"], a["rw_sb"], a["rw_sh"], a["rw_si"]), RelGrid(a["Rh"], a["Rw"], a["qgw"], a["kgw"])),
-            gmm=Gmm(a["ALPHA"], a["SIGMA"], a["a_sh"], a["GP"], a["ggw"]))
+        self.geo = slots["geometry"]._replace(ntx=lut.ntx, ay=lut.ay, ax=lut.ax)
+        self.pred = Predicates(*(slots[f] for f in Predicates._fields))
+        self.modifiers = Modifiers(*(slots[f] for f in Modifiers._fields))
         DP, DVP = pow2_at_least_16(D), pow2_at_least_16(Dv)
         dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(q.dtype, tl.float32)
         self.tiles = Tiles(Q_MODE=lut.q_mode, QS=lut.QS, QX=lut.QX, K_MODE=lut.k_mode, KS=lut.KS, KSY=lut.KSY,
                            KSX=lut.KSX, KTY=lut.KTY, KTX=lut.KTX, K_PAD=bool(lut.k_pad), BM=lut.BM, BN=lut.BN,
                            DP=DP, DVP=DVP, DOT_DTYPE=dot_dtype, PREC="ieee" if q.dtype == torch.float32 else "tf32")
-        self.features = Features(*(bool(a[f]) if f not in ("BIAS", "NK", "KP") else int(a[f])
-                                   for f in Features._fields[:-1]), DB_ATOMIC=False)
+        self.features = Features(**switches)
         self.num_warps = 8 if heavy and lut.BM * lut.BN >= 64 * 32 else 4
         # wide heads and heavy tiles: fewer pipeline stages (shared memory, registers)
         self.launch = dict(num_warps=self.num_warps, num_stages=2 if max(DP, DVP) >= 128 or heavy else 3)
@@ -658,6 +467,17 @@ class _Plan:
 
     def layout_args(self):
         return self.dims, self.geo, self.pred, self.modifiers
+
+    def grad_buffers(self, shape, device):
+        """(ModGrads, Features with the gradients' switches, each modifier's buffers)."""
+        g, switches, per_mod = neutral_grads(device), {}, []
+        for m, lowered in zip(self.mods, self.mod_args):
+            bufs = m.triton_grad_buffers(lowered, shape, device)
+            switches.update(bufs.get("features", {}))
+            g.update((name, t) for name, t in bufs.items() if name != "features")
+            per_mod.append(bufs)
+        grads = ModGrads(g["dbias"], ParamGrads(*(g[f] for f in ParamGrads._fields)))
+        return grads, self.features._replace(**switches), per_mod
 
 
 def _fwd(plan: _Plan, q, k, v):
@@ -682,15 +502,7 @@ def _bwd(plan: _Plan, dout, dlse, q, k, v, out, lse):
     Q, K, V, DO = rows(q), rows(k), rows(v), rows(dout)
     _attn_bwd_dkdv[(plan.lut.nKB, B * H)](Q, K, V, DO, lse, delta, rows(dk), rows(dv), *plan.tile_lists(True),
                                           *plan.layout_args(), constexprs(plan.tiles), constexprs(plan.features), **plan.launch)
-    shape = (B, H, plan.Lq, plan.Lk)
-    g = _neutral_grads(plan.fdummy)
-    per_mod = []
-    for m in plan.mods:
-        bufs = m.triton_grad_buffers(plan.args, shape, q.device)
-        g.update(bufs)
-        per_mod.append(bufs)
-    grads = ModGrads(_pair_map(g, "DBIAS", "db_"), ParamGrads(g["DTAB"], g["DRH"], g["DRW"], g["DALPHA"], g["DSIGMA"]))
-    feats = plan.features._replace(DB_ATOMIC=bool(g["DB_ATOMIC"]))
+    grads, feats, per_mod = plan.grad_buffers((B, H, plan.Lq, plan.Lk), q.device)
     _attn_bwd_dq[(plan.lut.nQB, B * H)](Q, K, V, DO, lse, delta, rows(dq), *plan.tile_lists(), grads,
                                         *plan.layout_args(), constexprs(plan.tiles), constexprs(feats), **plan.launch)
     fgrads = [g for m, bufs in zip(plan.mods, per_mod) for g in m.triton_grads(bufs)]
