@@ -198,9 +198,11 @@ json.dump(dict(failures=failures, info=info), sys.stdout)
 
 def compile_specs(specs, arch: int = 90, timeout: int = 900, ptxas_info: bool = False):
     """Compile every spec for sm_`arch` (interpreter off); -> list of failures (name, error), and
-    with `ptxas_info` also each spec with its `registers` and `spill_bytes` (ptxas -v)."""
+    with `ptxas_info` also each spec with its `registers` and `spill_bytes` (ptxas -v). The compiler
+    runs in $ZOO_TRITON_COMPILER_PYTHON when set (another Triton version, .ci/triton_compat.sh)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", _COMPILER, str(arch), str(int(ptxas_info))], input=json.dumps(specs),
+    python = os.environ.get("ZOO_TRITON_COMPILER_PYTHON") or sys.executable
+    res = subprocess.run([python, "-c", _COMPILER, str(arch), str(int(ptxas_info))], input=json.dumps(specs),
                          env=env, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"the compile subprocess failed:\n{res.stderr[-4000:]}")
