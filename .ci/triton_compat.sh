@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU machines run an older Triton than CI (3.6.0 against 3.8.0). Compile every recorded kernel
-# variant for sm_90 with that version too: a venv over the host's site-packages with only triton
-# replaced; launches are still recorded with the host's interpreter (tests/kernels/_triton_aot.py).
+# The GPU machines run an older Triton than CI (3.6.0 against 3.8.0). Compile every kernel
+# variant for sm_90 with that version too (tests/kernels/test_triton_compile.py, both ways): a venv
+# over the host's site-packages with only triton replaced runs the compiler; recorded launches
+# still come from the host's interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION="${ZOO_GPU_TRITON:-3.6.0}"

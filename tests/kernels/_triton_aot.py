@@ -210,6 +210,33 @@ def compile_specs(specs, arch: int = 90, timeout: int = 900, ptxas_info: bool = 
     return (out["failures"], out["info"]) if ptxas_info else out["failures"]
 
 
+def launch_every_variant(monkeypatch, call=lambda fn, *args: fn(*args)):
+    """Launch the kernel variants the interpreter tests cover (their cases at 16x16 tiles), each
+    through `call(fn, *args)`; the production tiles come from `model_shaped_launches`."""
+    import test_attention_triton as A
+    import test_msda as MS
+    from zoo.kernels import triton as ta
+
+    monkeypatch.setitem(ta.TILE_OPTIONS, "block_m", 16)
+    monkeypatch.setitem(ta.TILE_OPTIONS, "block_n", 16)
+    for name in A.CASES:
+        call(A._check, name, torch.float32)
+    for name in A.FP16:
+        call(A._check, name, torch.float16)
+    call(A.test_triton_head_dims_padded_and_dv_differs)
+    for shape in ((2, 3, 37, 37, 6, (2, 3), 1, 24, 24, True), (2, 2, 21, 50, 1, (2, 1), 18, 32, 16, False),
+                  (1, 2, 40, 29, 5, (1, 2), 0, 16, 40, False)):
+        call(A.test_triton_key_lists_gather_kernel, shape, torch.float16, monkeypatch)
+    call(A.test_triton_key_lists_gather_kernel, (1, 2, 40, 29, 5, (1, 2), 0, 16, 40, False), torch.float32,
+         monkeypatch)
+    for det in (False, True):
+        value, shapes, starts, loc, attn = MS._inputs(seed=5)
+        call(lambda: MS._run("triton", value, shapes, starts, loc, attn, deterministic=det, padding_mode="border"))
+        h = [t.half() for t in (value, loc.clamp(-1e4, 1e4), attn)]
+        call(lambda: MS._run("triton", h[0], shapes, starts, h[1], h[2], deterministic=det, align_corners=True))
+    monkeypatch.undo()
+
+
 def model_shaped_launches():
     """Interpreter launches (fp16, batch 1, one head) at the families' tile shapes."""
     import zoo.kernels as zk
