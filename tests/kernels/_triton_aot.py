@@ -237,6 +237,48 @@ def launch_every_variant(monkeypatch, call=lambda fn, *args: fn(*args)):
     monkeypatch.undo()
 
 
+HEAD_DIMS = [16, 24, 32, 40, 48, 64, 80, 96, 128, 256]
+HEAD_DIM_LAYOUTS = ["dense", "window", "routed", "key_lists"]
+
+
+def head_dim_inputs(d, layout, dev):
+    """(layout, q, k, v) of test_attention_gpu.py's head-dim check: fp16, batch 2, 3 heads."""
+    import zoo.kernels as zk
+    torch.manual_seed(0)
+    if layout == "dense":
+        lay, L = None, 200
+    elif layout == "window":
+        lay, L = zk.window_2d(16, 16, 8, 3), 256
+    elif layout == "routed":
+        lay, L = zk.routed_topk(torch.randint(0, 4, (2, 4, 2), device=dev), 64), 256
+    else:
+        L = 197
+        lay = zk.key_lists(torch.rand(2, 3, L, L, device=dev).topk(50, -1).indices, L, dense_rows=1)
+    q, k, v = (torch.randn(2, 3, L, d, device=dev, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    return lay, q, k, v
+
+
+def launch_gpu_test_variants(monkeypatch, call=lambda fn, *args: fn(*args)):
+    """Launch what tests/kernels/test_attention_gpu.py launches on a GPU (production tiles): every
+    interpreter case in fp32 / fp16 / bf16 and the head-dim checks, each through `call`."""
+    import test_attention_triton as A
+    import zoo.kernels as zk
+    from zoo.kernels.triton import key_lists as keylist_triton
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for name in A.CASES:
+            call(A._check, name, dtype)
+    monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0)     # key lists: the gather kernel
+
+    def head_dims(d, layout):
+        lay, q, k, v = head_dim_inputs(d, layout, "cpu")
+        torch.autograd.grad(zk.attention(q, k, v, lay, backend="triton").float().square().sum(), (q, k, v))
+    for d in HEAD_DIMS:
+        for layout in HEAD_DIM_LAYOUTS:
+            call(head_dims, d, layout)
+    monkeypatch.undo()
+
+
 def model_shaped_launches():
     """Interpreter launches (fp16, batch 1, one head) at the families' tile shapes."""
     import zoo.kernels as zk

@@ -1,7 +1,8 @@
 """Compile every kernel variant through Triton's own launcher, for sm_90, without a GPU.
 
 `_triton_aot.compile_specs` rebuilds each launch's signature from a record; this script instead
-drives the same launches (`launch_every_variant`, `model_shaped_launches`) with the interpreter off,
+drives the same launches (`launch_every_variant`, `model_shaped_launches`), and those of the GPU
+tests (`launch_gpu_test_variants`: production tiles, bf16, head dims to 256), with the interpreter off,
 so Triton's JIT binds and specialises the real arguments (argument bundles, ints equal to 1,
 pointer alignment) exactly as on a GPU. A stand-in driver reports an sm_90 device and every launch
 compiles without running (`warmup`); the outputs are never written, so the tests' numeric checks
@@ -65,13 +66,14 @@ def main():
     JITFunction.run = _compile_only
     from zoo.kernels.msda import triton as msda_triton
     from zoo.kernels.triton import _common
-    from _triton_aot import launch_every_variant, model_shaped_launches
+    from _triton_aot import launch_every_variant, launch_gpu_test_variants, model_shaped_launches
 
     # the backends take CPU tensors as they do under the interpreter
     _common.interpreter_enabled = lambda: True
     msda_triton.INTERPRETER = True
     launch_every_variant(pytest.MonkeyPatch(), call=_call)
     _call(model_shaped_launches)
+    launch_gpu_test_variants(pytest.MonkeyPatch(), call=_call)
     print(json.dumps(dict(launches=launches, variants={k: len(v) for k, v in variants.items()}, errors=errors)))
 
 

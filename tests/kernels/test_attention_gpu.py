@@ -11,6 +11,7 @@ from zoo.kernels.reference import dense_oracle
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ta.HAS_TRITON and not ta.interpreter_enabled()),
                                 reason="needs a CUDA device and compiled Triton (TRITON_INTERPRET=0)")
 
+from _triton_aot import HEAD_DIM_LAYOUTS, HEAD_DIMS, head_dim_inputs  # noqa: E402
 from test_attention_triton import CASES, _check  # noqa: E402
 
 
@@ -20,23 +21,12 @@ def test_gpu_cases(name, dtype):
     _check(name, dtype, device="cuda")
 
 
-@pytest.mark.parametrize("d", [16, 24, 32, 40, 48, 64, 80, 96, 128, 256])
-@pytest.mark.parametrize("layout", ["dense", "window", "routed", "key_lists"])
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("layout", HEAD_DIM_LAYOUTS)
 def test_gpu_head_dims(d, layout, monkeypatch):
     from zoo.kernels.triton import key_lists as keylist_triton
     monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0)     # key lists: the gather kernel
-    dev = "cuda"
-    torch.manual_seed(0)
-    if layout == "dense":
-        lay, L = None, 200
-    elif layout == "window":
-        lay, L = zk.window_2d(16, 16, 8, 3), 256
-    elif layout == "routed":
-        lay, L = zk.routed_topk(torch.randint(0, 4, (2, 4, 2), device=dev), 64), 256
-    else:
-        L = 197
-        lay = zk.key_lists(torch.rand(2, 3, L, L, device=dev).topk(50, -1).indices, L, dense_rows=1)
-    q, k, v = (torch.randn(2, 3, L, d, device=dev, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    lay, q, k, v = head_dim_inputs(d, layout, "cuda")
     o = zk.attention(q, k, v, lay)
     o2, _ = dense_oracle(q.double(), k.double(), v.double(), lay)
     torch.testing.assert_close(o.double(), o2, atol=1e-2, rtol=1e-2)

@@ -36,8 +36,9 @@ def test_every_launched_kernel_variant_compiles_for_sm90(monkeypatch):
 
 
 def test_every_kernel_variant_compiles_through_the_triton_launcher():
-    """The same launches, bound and specialised by Triton's JIT itself (bundles, ints equal to 1,
-    alignment), compiled for sm_90 with the interpreter off (tests/kernels/_triton_launcher.py)."""
+    """The same launches and those of test_attention_gpu.py (production tiles, bf16, head dims to
+    256), bound and specialised by Triton's JIT itself (bundles, ints equal to 1, alignment) and
+    compiled for sm_90 with the interpreter off (tests/kernels/_triton_launcher.py)."""
     python = os.environ.get("ZOO_TRITON_COMPILER_PYTHON") or sys.executable
     script = Path(__file__).with_name("_triton_launcher.py")
     res = subprocess.run([python, str(script)], env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True,
@@ -48,4 +49,4 @@ def test_every_kernel_variant_compiles_through_the_triton_launcher():
     variants = out["variants"]
     assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_keylist_fwd", "_keylist_bwd"} <= set(variants)
     assert any(n.startswith("msda") for n in variants)
-    assert sum(variants.values()) >= 90, variants
+    assert sum(variants.values()) >= 200, variants     # 255 with triton 3.6 and 3.8
