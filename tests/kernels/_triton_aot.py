@@ -258,9 +258,22 @@ def head_dim_inputs(d, layout, dev):
     return lay, q, k, v
 
 
+def keylist_gather_inputs(dtype, dev):
+    """(layout, q, k, v) of test_attention_gpu.py's gather-kernel check: unused slots, an empty row,
+    a dense row; batch 2, 3 heads, 197 tokens, D 64."""
+    import zoo.kernels as zk
+    from test_attention_triton import _keylist_case
+    torch.manual_seed(0)
+    lay = zk.key_lists(_keylist_case(2, 3, 197, 197, 50, 2, 3, seed=1).to(dev), 197, dense_rows=1)
+    q, k, v = (torch.randn(2, 3, 197, 64, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    return lay, q, k, v
+
+
 def launch_gpu_test_variants(monkeypatch, call=lambda fn, *args: fn(*args)):
     """Launch what tests/kernels/test_attention_gpu.py launches on a GPU (production tiles): every
-    interpreter case in fp32 / fp16 / bf16 and the head-dim checks, each through `call`."""
+    interpreter case in fp32 / fp16 / bf16, the head-dim checks, the gather kernel in each dtype and
+    the torch.compile tests' shapes (eagerly: the compiled graph calls the same kernels), each
+    through `call`."""
     import test_attention_triton as A
     import zoo.kernels as zk
     from zoo.kernels.triton import key_lists as keylist_triton
@@ -276,6 +289,26 @@ def launch_gpu_test_variants(monkeypatch, call=lambda fn, *args: fn(*args)):
     for d in HEAD_DIMS:
         for layout in HEAD_DIM_LAYOUTS:
             call(head_dims, d, layout)
+
+    def gather(dtype):
+        lay, q, k, v = keylist_gather_inputs(dtype, "cpu")
+        o, lse = zk.attention(q, k, v, lay, return_lse=True, backend="triton")
+        torch.autograd.grad(o.float().sum() + torch.where(torch.isfinite(lse), lse, 0).sum(), (q, k, v))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        call(gather, dtype)
+
+    def compiled_tests_eager(gather):         # the shapes of the torch.compile tests, run eagerly
+        monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0 if gather else 0.0)
+        L = 197
+        lay = zk.key_lists(torch.rand(2, 4, L, L).topk(50, -1).indices, L, dense_rows=1)
+        q, k, v = (torch.randn(2, 4, L, 64, dtype=torch.float16, requires_grad=True) for _ in range(3))
+        torch.autograd.grad(zk.attention(q, k, v, lay, backend="triton").float().sum(), (q, k, v))
+        q, k, v = (torch.randn(2, 4, 256, 32, dtype=torch.float16, requires_grad=True) for _ in range(3))
+        rh = torch.randn(2, 4, 256, 23, dtype=torch.float16, requires_grad=True)
+        o = zk.attention(q, k, v, zk.window_2d(16, 16, 8, 2), bias=zk.RelPosBias(rh, rh), backend="triton")
+        torch.autograd.grad(o.float().sum(), (q, k, v, rh))
+    for g in (True, False):
+        call(compiled_tests_eager, g)
     monkeypatch.undo()
 
 

@@ -11,7 +11,7 @@ from zoo.kernels.reference import dense_oracle
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ta.HAS_TRITON and not ta.interpreter_enabled()),
                                 reason="needs a CUDA device and compiled Triton (TRITON_INTERPRET=0)")
 
-from _triton_aot import HEAD_DIM_LAYOUTS, HEAD_DIMS, head_dim_inputs  # noqa: E402
+from _triton_aot import HEAD_DIM_LAYOUTS, HEAD_DIMS, head_dim_inputs, keylist_gather_inputs  # noqa: E402
 from test_attention_triton import CASES, _check  # noqa: E402
 
 
@@ -94,12 +94,8 @@ def test_gpu_torch_compile_key_lists_fullgraph(gather, monkeypatch):
 def test_gpu_key_lists_gather_kernel(dtype, monkeypatch):
     """The gather kernel compiled: unused slots, an empty row, dense rows, lse and its gradient."""
     from zoo.kernels.triton import key_lists as keylist_triton
-    from test_attention_triton import _keylist_case
     monkeypatch.setattr(keylist_triton, "GATHER_MAX_KEEP", 1.0)
-    dev = "cuda"
-    torch.manual_seed(0)
-    lay = zk.key_lists(_keylist_case(2, 3, 197, 197, 50, 2, 3, seed=1).to(dev), 197, dense_rows=1)
-    q, k, v = (torch.randn(2, 3, 197, 64, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    lay, q, k, v = keylist_gather_inputs(dtype, "cuda")
     o, l = zk.attention(q, k, v, lay, return_lse=True)
     fin = torch.isfinite(l)
     assert not fin.all() and torch.all(o[~fin[..., None].expand_as(o)] == 0)

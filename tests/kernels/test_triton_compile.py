@@ -49,4 +49,4 @@ def test_every_kernel_variant_compiles_through_the_triton_launcher():
     variants = out["variants"]
     assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_keylist_fwd", "_keylist_bwd"} <= set(variants)
     assert any(n.startswith("msda") for n in variants)
-    assert sum(variants.values()) >= 200, variants     # 255 with triton 3.6 and 3.8
+    assert sum(variants.values()) >= 200, variants     # 265 with triton 3.6 and 3.8
