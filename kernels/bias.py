@@ -8,7 +8,8 @@ looks at modifier types:
 - `reference_terms(ctx)`: (add, mul) logit terms on a reference-path chunk; `dense_terms(...)`:
   the same over a full (Lq, key slots) grid (dense oracle, talking heads).
 - `flex_score_mod(geo)`: a FlexAttention score_mod; `triton_args(layout, device)`,
-  `triton_grad_buffers(...)` and `triton_grads(...)`: kernel arguments and parameter gradients.
+  `triton_grad_buffers(...)` and `triton_grads(...)`: the kernel argument bundles it fills, its
+  gradient buffers (both by slot, kernels/triton/bundles.py) and its parameter gradients.
 - `backend_support(backend)`: (ok, reason).
 
 Under torch.fx symbolic tracing a modifier built from traced tensors (a parameter's proxy) is

@@ -8,7 +8,8 @@ answers every backend's question about it, so no backend looks at layout types:
   op schema (kernels/custom_op.py), rebuilt without re-validation.
 - `block_lut(Lq, Lk, device, block_m, block_n, tile_cap)`: the FlexAttention-format block LUT the
   Triton kernels walk (kernels/lut.py has the format and helpers), and `triton_args(device)`, the
-  element predicate for partial tiles as kernel arguments.
+  kernel argument bundles of its element predicate for partial tiles, by slot
+  (kernels/triton/bundles.py).
 - `reference_plan(B, H, device)`: how the PyTorch path splits queries into groups with gathered
   keys (kernels/reference/core.py), optionally a `reference_shortcut` (a faster exact path).
 - `flex_lowering(q, k, v)`: the FlexAttention `mask_mod` (and key-slot mapping).
