@@ -69,10 +69,11 @@ def device_reason(q, k, v) -> str:
 
 
 def call_reason(q, k, v, lowering, what, layout, mods, dropout_p) -> str:
-    """Why a Triton implementation cannot run this call ("" when it can): the tensors
-    (`device_reason`), then the layout, modifiers and dropout (`layouts.base.unsupported`)."""
+    """Why a Triton implementation cannot run this call ("" when it can): the layout, modifiers
+    and dropout (`layouts.base.unsupported`: no device helps there), then the tensors
+    (`device_reason`)."""
     from ..layouts.base import unsupported
-    return device_reason(q, k, v) or unsupported(lowering, what, layout, mods, dropout_p)
+    return unsupported(lowering, what, layout, mods, dropout_p) or device_reason(q, k, v)
 
 
 def check_inputs(q, k, v):
