@@ -323,7 +323,8 @@ class IndexedBias(Modifier):
         from .triton.bundles import HeadRows, PairMap, Table
         tab = self.table.contiguous()
         idx = self.index.to(device=device, dtype=torch.int32).contiguous()
-        return dict(table=Table(HeadRows(tab, _bs(tab, 0)), PairMap(idx, _bs(idx, 0), 0, idx.stride(1), idx.stride(2))))
+        index = PairMap(idx, s_b=_bs(idx, 0), s_h=0, s_i=idx.stride(1), s_j=idx.stride(2))
+        return dict(table=Table(HeadRows(tab, _bs(tab, 0)), index))
 
     def triton_grad_buffers(self, lowered, shape, device):
         return dict(dtable=torch.zeros(lowered["table"].table.ptr.shape, device=device, dtype=torch.float32))
@@ -449,8 +450,7 @@ class RelPosBias(Modifier):
         return rel
 
     def triton_args(self, layout, device):
-        from .triton._common import Rows
-        from .triton.bundles import RelGrid, RelPos
+        from .triton.bundles import RelGrid, RelPos, Rows
         rh, rw = self.rel_h.contiguous(), self.rel_w.contiguous()
         local = bool(getattr(layout, "local_positions", False))
         grid = RelGrid(rh.shape[-1], rw.shape[-1])

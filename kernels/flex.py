@@ -22,12 +22,11 @@ def _flex():
 
 
 def can_run(q, k, v, layout, mods, dropout_p):
-    """The layout, modifiers and dropout first (no device helps there), then the tensors."""
+    if q.device.type != "cuda":
+        return False, f"backend='flex' needs CUDA tensors (got {q.device}); use backend='reference' on CPU"
+    if q.dtype == torch.float64:
+        return False, "backend='flex' supports float32/float16/bfloat16"
     why = unsupported("flex", "FlexAttention", layout, mods, dropout_p)
-    if not why and q.device.type != "cuda":
-        why = f"backend='flex' needs CUDA tensors (got {q.device}); use backend='reference' on CPU"
-    elif not why and q.dtype == torch.float64:
-        why = "backend='flex' supports float32/float16/bfloat16"
     return not why, why
 
 

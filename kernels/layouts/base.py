@@ -8,8 +8,8 @@ answers every backend's question about it, so no backend looks at layout types:
   op schema (kernels/custom_op.py), rebuilt without re-validation.
 - `block_lut(Lq, Lk, device, block_m, block_n, tile_cap)`: the FlexAttention-format block LUT the
   Triton kernels walk (kernels/lut.py has the format and helpers), and `triton_args(device)`, the
-  kernel argument bundles of its element predicate for partial tiles, by slot
-  (kernels/triton/bundles.py).
+  kernel argument bundles of its window geometry and element predicates (for partial tiles) and
+  its extra switches, by slot (kernels/triton/bundles.py).
 - `reference_plan(B, H, device)`: how the PyTorch path splits queries into groups with gathered
   keys (kernels/reference/core.py), optionally a `reference_shortcut` (a faster exact path).
 - `flex_lowering(q, k, v)`: the FlexAttention `mask_mod` (and key-slot mapping).
@@ -184,7 +184,7 @@ def unsupported(backend: str, what: str, layout, mods, dropout_p: float, dropout
         if mods:
             return f"{what} runs plain attention only (no bias, score_mod or head_mix)"
     elif layout is not None and not layout.lowers_to(backend):
-        return f"{type(layout).__name__} has no {what} lowering"
+        return f"{what} has no lowering for {type(layout).__name__}"
     for m in mods:
         ok, why = m.backend_support(backend)
         if not ok:

@@ -5,10 +5,7 @@ Kernels take their arguments as named bundles (typing.NamedTuple values; Triton 
 them into kernels and on into @triton.jit helpers, fields read as `t.ptr`, `t.s_b`): one bundle
 per tensor (pointer and strides), per layout geometry and per modifier, and constexpr bundles for
 the tile configuration and feature switches (tuples of `tl.constexpr` values, see `constexprs`).
-
-A bundle holds either plain values or other bundles, never both, and no field is named `values` or
-`type`: triton 3.6 drops a specialised constant (a stride equal to 1) from a sub-bundle of a
-mixed bundle when it copies the bundle at a loop, and `tl.tuple`'s own attributes shadow such fields.
+How a bundle may be shaped: bundles.py.
 """
 from __future__ import annotations
 
@@ -69,11 +66,11 @@ def device_reason(q, k, v) -> str:
 
 
 def call_reason(q, k, v, lowering, what, layout, mods, dropout_p) -> str:
-    """Why a Triton implementation cannot run this call ("" when it can): the layout, modifiers
-    and dropout (`layouts.base.unsupported`: no device helps there), then the tensors
-    (`device_reason`)."""
+    """Why a Triton implementation cannot run this call ("" when it can): the tensors
+    (`device_reason`, the same for every Triton implementation, so the router reports it once),
+    then the layout, modifiers and dropout (`layouts.base.unsupported`)."""
     from ..layouts.base import unsupported
-    return unsupported(lowering, what, layout, mods, dropout_p) or device_reason(q, k, v)
+    return device_reason(q, k, v) or unsupported(lowering, what, layout, mods, dropout_p)
 
 
 def check_inputs(q, k, v):

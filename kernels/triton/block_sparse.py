@@ -474,6 +474,10 @@ class _Plan:
         for m, lowered in zip(self.mods, self.mod_args):
             bufs = m.triton_grad_buffers(lowered, shape, device)
             switches.update(bufs.get("features", {}))
+            unknown = set(bufs) - set(g) - {"features"}
+            if unknown:
+                raise KeyError(f"{type(m).__name__}.triton_grad_buffers filled unknown slots {sorted(unknown)}; "
+                               f"slots: {sorted(g)}")
             g.update((name, t) for name, t in bufs.items() if name != "features")
             per_mod.append(bufs)
         grads = ModGrads(g["dbias"], ParamGrads(*(g[f] for f in ParamGrads._fields)))

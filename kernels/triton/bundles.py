@@ -8,6 +8,11 @@ every slot left empty keeps the neutral bundle of `neutral(device)` (dummy point
 A modifier's `triton_grad_buffers` returns its gradient buffers the same way: `dbias` (a
 `PairMap`), `dtable`, `drh`, `drw`, `dalpha`, `dsigma`, and `features`.
 
+A bundle holds either plain values or other bundles, never both, and no field is named `values` or
+`type`: triton 3.6 drops a specialised constant (a stride equal to 1) from a sub-bundle of a
+mixed bundle when it copies the bundle at a loop, and `tl.tuple`'s own attributes shadow such
+fields (tests/kernels/test_triton_compile.py checks every launch).
+
 Layouts and modifiers import it inside their `triton_args`, so importing zoo.kernels does not
 import Triton.
 """
@@ -19,7 +24,7 @@ from ._common import Rows, bs
 
 __all__ = ["TileList", "Dims", "Geometry", "PairMap", "KeyValid", "Segments", "Causal", "Predicates", "HeadRows",
            "Table", "RelGrid", "RelPos", "Gmm", "Modifiers", "ParamGrads", "ModGrads", "Tiles", "Features",
-           "SWITCHES", "pair_map", "neutral", "neutral_grads"]
+           "Rows", "SWITCHES", "pair_map", "neutral", "neutral_grads"]
 
 
 class TileList(NamedTuple):
@@ -103,7 +108,7 @@ class HeadRows(NamedTuple):
 
 class Table(NamedTuple):
     table: HeadRows          # (H|1, T) bias values
-    index: PairMap           # (B|1, 1, Lq, Lk) int32 indices into the table
+    index: PairMap           # (B|1, Lq, Lk) int32 indices into the table (head stride 0)
 
 
 class RelGrid(NamedTuple):

@@ -273,7 +273,8 @@ def launch_gpu_test_variants(monkeypatch, call=lambda fn, *args: fn(*args)):
     """Launch what tests/kernels/test_attention_gpu.py launches on a GPU (production tiles): every
     interpreter case in fp32 / fp16 / bf16, the head-dim checks, the gather kernel in each dtype and
     the torch.compile tests' shapes (eagerly: the compiled graph calls the same kernels), each
-    through `call`."""
+    through `call`. Calls name backend="triton" where the GPU tests leave it to the router (which
+    picks it for CUDA tensors)."""
     import test_attention_triton as A
     import zoo.kernels as zk
     from zoo.kernels.triton import key_lists as keylist_triton

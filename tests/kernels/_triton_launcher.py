@@ -6,8 +6,8 @@ tests (`launch_gpu_test_variants`: production tiles, bf16, head dims to 256), wi
 so Triton's JIT binds and specialises the real arguments (argument bundles, ints equal to 1,
 pointer alignment) exactly as on a GPU. A stand-in driver reports an sm_90 device and every launch
 compiles without running (`warmup`); the outputs are never written, so the tests' numeric checks
-fail and are ignored here. Prints one JSON line: launches and distinct compiled variants per kernel,
-and the errors. Run by tests/kernels/test_triton_compile.py (any Triton >= 3.3, CPU tensors).
+fail and are ignored here (`unchecked` counts them). Prints one JSON line: launches and distinct
+compiled variants per kernel, the errors and `unchecked`. Run by tests/kernels/test_triton_compile.py (any Triton >= 3.3, CPU tensors).
 """
 import collections
 import json
@@ -41,7 +41,7 @@ class _StandInDriver:
         return torch.device("cpu")
 
 
-launches, variants, errors = collections.Counter(), collections.defaultdict(set), []
+launches, variants, errors, unchecked = collections.Counter(), collections.defaultdict(set), [], [0]
 _run = JITFunction.run
 
 
@@ -52,13 +52,22 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
     return kernel
 
 
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _call(fn, *args):
     try:
         fn(*args)
-    except AssertionError:
-        pass                                    # nothing ran, so the numbers are not checked
+    except AssertionError as e:
+        # the tests' numeric checks fail (nothing ran); an assertion raised anywhere else
+        # (Triton, zoo) is an error like any other
+        raised_in = traceback.extract_tb(e.__traceback__)[-1].filename
+        if os.path.abspath(raised_in).startswith(_TESTS + os.sep) or "torch/testing" in raised_in:
+            unchecked[0] += 1
+        else:
+            errors.append("".join(traceback.format_exception(e))[-3000:])
     except Exception as e:                      # a compile error, or an argument the launcher rejects
-        errors.append("".join(traceback.format_exception_only(type(e), e))[-3000:])
+        errors.append("".join(traceback.format_exception(e))[-3000:])
 
 
 def main():
@@ -74,7 +83,8 @@ def main():
     launch_every_variant(pytest.MonkeyPatch(), call=_call)
     _call(model_shaped_launches)
     launch_gpu_test_variants(pytest.MonkeyPatch(), call=_call)
-    print(json.dumps(dict(launches=launches, variants={k: len(v) for k, v in variants.items()}, errors=errors)))
+    print(json.dumps(dict(launches=launches, variants={k: len(v) for k, v in variants.items()}, errors=errors,
+                          unchecked=unchecked[0])))
 
 
 if __name__ == "__main__":

@@ -304,3 +304,16 @@ def test_triton_key_lists_custom_op_opcheck():
     out, lse = torch.ops.zoo.attention_keylists(q, k, v, idx, 12, 1, 0.5)
     torch.library.opcheck(torch.ops.zoo.attention_keylists_bwd.default,
                           (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, idx, 12, 1, 0.5))
+
+
+@pytest.mark.parametrize("method", ["triton_args", "triton_grad_buffers"])
+def test_triton_lowering_to_an_unknown_slot_is_an_error(method, monkeypatch):
+    """A modifier that fills a slot the kernels do not have fails loudly instead of being dropped
+    (a dropped gradient buffer would read as a zero gradient)."""
+    from zoo.kernels.bias import DenseBias
+    lowered = getattr(DenseBias, method)
+    monkeypatch.setattr(DenseBias, method, lambda self, *a: {"biass" if method == "triton_args" else "dbiass":
+                                                              next(iter(lowered(self, *a).values()))})
+    q = _r(1, 2, 16, 16).requires_grad_(True)
+    with pytest.raises(KeyError, match="biass.*slots: .*bias"):
+        zk.attention(q, q, q, bias=_r(1, 2, 16, 16), backend="triton").sum().backward()
