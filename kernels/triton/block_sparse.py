@@ -428,8 +428,8 @@ class _Plan:
         B, H, Lq, D = q.shape
         Lk, Dv = k.shape[2], v.shape[3]
         dev = q.device
-        self.B, self.H, self.Lq, self.Lk, self.D, self.Dv = B, H, Lq, Lk, D, Dv
-        self.layout, self.mods = layout, list(mods)
+        self.B, self.H, self.Lq, self.Lk, self.Dv = B, H, Lq, Lk, Dv
+        self.mods = list(mods)
         # Tiles that also evaluate a bias, the GMM mod or mask bits, or wide heads, need more
         # registers: at 64x64 with 4 warps ptxas spilled 100-1600 bytes per thread on sm_90. Those
         # variants get 8 warps and, with linear tiles, 32-key tiles (spill-free for D <= 64).
@@ -454,9 +454,9 @@ class _Plan:
                            KSX=lut.KSX, KTY=lut.KTY, KTX=lut.KTX, K_PAD=bool(lut.k_pad), BM=lut.BM, BN=lut.BN,
                            DP=DP, DVP=DVP, DOT_DTYPE=dot_dtype, PREC="ieee" if q.dtype == torch.float32 else "tf32")
         self.features = Features(**switches)
-        self.num_warps = 8 if heavy and lut.BM * lut.BN >= 64 * 32 else 4
         # wide heads and heavy tiles: fewer pipeline stages (shared memory, registers)
-        self.launch = dict(num_warps=self.num_warps, num_stages=2 if max(DP, DVP) >= 128 or heavy else 3)
+        self.launch = dict(num_warps=8 if heavy and lut.BM * lut.BN >= 64 * 32 else 4,
+                           num_stages=2 if max(DP, DVP) >= 128 or heavy else 3)
 
     def tile_lists(self, transposed=False):
         """(partial, full) lists per query tile, or per key tile when `transposed` (dK/dV)."""
